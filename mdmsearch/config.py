@@ -1,0 +1,178 @@
+"""One typed, validated configuration for training a single diffusion, defaults in one place.
+
+The CLI, the search and the benchmarks all build a :class:`RunConfig`; pydantic rejects
+unknown keys and bad values with errors that name the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+MaskSpec = Union[str, list[list[int]], None]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ProcessConfig(_Strict):
+    """A preset ("vpsde", "cld", "alda", "malda") or a "learned" structure."""
+
+    name: str = "vpsde"
+    n_aux: int = Field(1, ge=0, le=8, description="auxiliary variables K (learned only)")
+    q_mask: MaskSpec = Field(None, description="pattern name or n x n 0/1 matrix; None = full")
+    d_mask: MaskSpec = Field(None, description="pattern name or n x n 0/1 matrix; None = full")
+    d_param: Literal["full", "diag"] = "full"
+    learn: bool = Field(True, description="train Q and D jointly with the network (learned only)")
+    q_init: float = -1.0
+    d_init: float = Field(1.0, gt=0)
+    init_noise: float = Field(0.0, ge=0)
+    schedule: Literal["linear", "constant"] = "linear"
+    beta_0: float = Field(0.1, ge=0)
+    beta_1: float = Field(10.0, gt=0)
+    beta: Optional[float] = Field(None, gt=0, description="constant schedule's beta")
+    gamma: float = Field(0.01, gt=0, description="variance of q(v0|x)")
+    s_x2: float = Field(1.0, gt=0)
+    s_v2: float = Field(1.0, gt=0)
+    T: float = Field(1.0, gt=0)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from .diffusion import available_processes
+
+        v = v.lower()
+        if v not in available_processes():
+            raise ValueError(f"unknown process {v!r}; available: {available_processes()}")
+        return v
+
+    def common(self) -> dict[str, Any]:
+        out = dict(schedule=self.schedule, beta_0=self.beta_0, beta_1=self.beta_1, gamma=self.gamma,
+                   s_x2=self.s_x2, s_v2=self.s_v2, T=self.T)
+        if self.beta is not None:
+            out["beta"] = self.beta
+        return out
+
+    def build(self, seed: int = 0):
+        from .diffusion import learned, preset
+
+        if self.name == "learned":
+            proc = learned(self.n_aux, self.q_mask, self.d_mask, d_param=self.d_param, q_init=self.q_init,
+                           d_init=self.d_init, init_noise=self.init_noise, seed=seed, **self.common())
+            if not self.learn:
+                proc.requires_grad_(False)
+            return proc
+        return preset(self.name, **self.common())
+
+
+class DataConfig(_Strict):
+    name: str = "digits"
+    data_dir: Optional[str] = None
+    seed: int = 0
+    n_train: Optional[int] = Field(None, gt=0)
+    n_val: Optional[int] = Field(None, gt=0)
+    n_test: Optional[int] = Field(None, gt=0)
+    download: bool = False
+    options: dict[str, Any] = Field(default_factory=dict, description="dataset-specific options, e.g. dim for gaussian")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from .data import available_datasets
+
+        v = v.lower()
+        if v not in available_datasets():
+            raise ValueError(f"unknown dataset {v!r}; available: {available_datasets()}")
+        return v
+
+
+class ModelConfig(_Strict):
+    name: str = Field("auto", description="'auto' = mlp for vectors, unet for images")
+    size: str = "tiny"
+    options: dict[str, Any] = Field(default_factory=dict, description="overrides of the size preset")
+
+
+class OptimConfig(_Strict):
+    batch_size: int = Field(64, gt=0)
+    lr: float = Field(2e-3, gt=0)
+    process_lr: float = Field(1e-2, ge=0, description="learning rate of Q and D")
+    weight_decay: float = Field(0.0, ge=0)
+    warmup: int = Field(50, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    ema: float = Field(0.999, ge=0, lt=1)
+
+
+class TrainConfig(_Strict):
+    steps: int = Field(1000, gt=0)
+    eval_every: int = Field(200, gt=0)
+    eval_examples: int = Field(512, gt=0, description="validation examples per evaluation")
+    eval_batch_size: int = Field(256, gt=0)
+    eval_n_t: int = Field(1, gt=0, description="time samples per example in evaluation")
+    time_sampler: Literal["uniform", "vp", "adaptive"] = "vp"
+    adaptive_refresh: int = Field(100, gt=0, description="steps between re-tabulations of the adaptive p(t)")
+    t_min: float = Field(1e-3, gt=0, lt=1)
+    seed: int = 0
+    eval_seed: int = 12345
+    device: str = "auto"
+    n_samples: int = Field(64, ge=0, description="samples drawn into the grid at the end (0 = none)")
+    sample_steps: int = Field(200, gt=0)
+    progress: bool = True
+
+
+class RunConfig(_Strict):
+    process: ProcessConfig = Field(default_factory=ProcessConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.train.eval_every > self.train.steps:
+            self.train.eval_every = self.train.steps
+        return self
+
+
+def format_validation_error(exc: ValidationError, source: str = "config") -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        parts.append(f"{loc}: {msg}")
+    return f"{source}: " + "; ".join(parts)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_run_config(data: dict, source: str = "config") -> RunConfig:
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, source)) from None
+
+
+def load_run_config(path: str | Path) -> RunConfig:
+    return parse_run_config(load_yaml(path), str(path))

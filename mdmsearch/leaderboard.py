@@ -1,0 +1,174 @@
+"""Parquet leaderboards: one file per finished trial, atomically, in a Hive-partitioned tree
+
+    <root>/dataset=<name>/study=<name>/trial-<n>.parquet      (one row, fixed schema)
+    <curves_root>/dataset=<name>/study=<name>/trial-<n>.parquet (learning curve rows)
+
+so that ``pandas.read_parquet(root)``, ``pyarrow.dataset`` and DuckDB read the whole tree
+as one table (``dataset`` and ``study`` come from the partition directories).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import MDMError
+
+SCHEMA_VERSION = 1
+
+# Column -> arrow type.  Every file has exactly this schema (missing values are null).
+COLUMNS: dict[str, pa.DataType] = {
+    "schema_version": pa.int32(),
+    "trial": pa.int64(),
+    "state": pa.string(),  # COMPLETE | PRUNED | FAIL | INVALID | DUPLICATE
+    "reason": pa.string(),
+    "baseline": pa.string(),  # vpsde/cld/alda/malda, or null for searched structures
+    "seed": pa.int64(),
+    "process": pa.string(),  # process family: preset name or "learned"
+    "n_aux": pa.int32(),
+    "q_pattern": pa.string(),
+    "d_pattern": pa.string(),
+    "d_param": pa.string(),
+    "learn": pa.bool_(),
+    "q_mask": pa.string(),  # JSON n x n 0/1
+    "d_mask": pa.string(),
+    "q_nnz": pa.int32(),  # free (or non-zero, for fixed) entries of U / L
+    "d_nnz": pa.int32(),
+    "structure_hash": pa.string(),
+    "config_hash": pa.string(),  # structure + hyperparameters + seed (dedupe key)
+    "config_group": pa.string(),  # the same without the seed (mean +- std over seeds)
+    "duplicate_of": pa.int64(),
+    "retry_of": pa.int64(),
+    "params": pa.string(),  # JSON of all suggested parameters
+    "lr": pa.float64(),
+    "process_lr": pa.float64(),
+    "gamma": pa.float64(),
+    "beta_1": pa.float64(),
+    "time_sampler": pa.string(),
+    "val_bpd": pa.float64(),
+    "val_bpd_se": pa.float64(),
+    "test_bpd": pa.float64(),
+    "best_val_bpd": pa.float64(),
+    "prior_kl_per_dim": pa.float64(),
+    "steps": pa.int64(),  # fidelity reached
+    "budget_steps": pa.int64(),
+    "train_seconds": pa.float64(),
+    "wall_seconds": pa.float64(),
+    "n_params": pa.int64(),
+    "Q": pa.string(),  # JSON n x n learned (EMA) Q
+    "D": pa.string(),
+    "executor": pa.string(),  # local | ray
+    "artifact_dir": pa.string(),
+    "spec_hash": pa.string(),
+    "started_at": pa.timestamp("us", tz="UTC"),
+    "finished_at": pa.timestamp("us", tz="UTC"),
+    "mdmsearch_version": pa.string(),
+    "torch_version": pa.string(),
+    "optuna_version": pa.string(),
+}
+SCHEMA = pa.schema([pa.field(k, v) for k, v in COLUMNS.items()])
+CURVE_SCHEMA = pa.schema([pa.field("trial", pa.int64()), pa.field("step", pa.int64()),
+                          pa.field("train_loss", pa.float64()), pa.field("val_bpd", pa.float64()),
+                          pa.field("train_seconds", pa.float64())])
+
+
+def _partition(root: Path, dataset: str, study: str) -> Path:
+    return Path(root) / f"dataset={dataset}" / f"study={study}"
+
+
+def _atomic_parquet(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _clean(v: Any) -> Any:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def write_trial(root: str | Path, dataset: str, study: str, row: dict) -> Path:
+    """Write one trial's row (unknown keys are an error, missing ones null)."""
+    unknown = set(row) - set(COLUMNS)
+    if unknown:
+        raise ValueError(f"unknown leaderboard columns: {sorted(unknown)}")
+    full = {k: [_clean(row.get(k))] for k in COLUMNS}
+    full["schema_version"] = [SCHEMA_VERSION]
+    table = pa.table(full, schema=SCHEMA)
+    path = _partition(Path(root), dataset, study) / f"trial-{int(row['trial'])}.parquet"
+    _atomic_parquet(table, path)
+    return path
+
+
+def write_curve(root: str | Path, dataset: str, study: str, trial: int, history: Iterable[dict]) -> Path:
+    rows = list(history)
+    cols = {f.name: [_clean(r.get(f.name)) for r in rows] for f in CURVE_SCHEMA if f.name != "trial"}
+    cols["trial"] = [int(trial)] * len(rows)
+    table = pa.table({f.name: cols[f.name] for f in CURVE_SCHEMA}, schema=CURVE_SCHEMA)
+    path = _partition(Path(root), dataset, study) / f"trial-{int(trial)}.parquet"
+    _atomic_parquet(table, path)
+    return path
+
+
+def read_tree(root: str | Path, dataset: str | None = None):
+    """The whole tree (or one dataset's part) as a pandas DataFrame; dataset/study as str."""
+    import pandas as pd
+
+    root = Path(root)
+    target = root / f"dataset={dataset}" if dataset else root
+    if not target.exists() or not any(target.rglob("*.parquet")):
+        where = f"dataset {dataset!r} in {root}" if dataset else str(root)
+        raise MDMError(f"no leaderboard results for {where}; run `mdmsearch run SPEC.yaml` first")
+    df = pd.read_parquet(target)
+    if dataset:
+        df["dataset"] = dataset
+    for col in ("dataset", "study"):
+        if col in df.columns:
+            df[col] = df[col].astype(str)
+    return df
+
+
+def mask_json(mask) -> str:
+    return json.dumps([[int(v) for v in row] for row in mask])
+
+
+def ranked(df, metric: str = "val_bpd"):
+    """Merged, ranked view: one row per configuration, mean ± std over seeds."""
+    import pandas as pd
+
+    ok = df[(df["state"] == "COMPLETE") & df[metric].notna()].copy()  # duplicates would double-count
+    if ok.empty:
+        return pd.DataFrame()
+    ok["label"] = ok.apply(_label, axis=1)
+    keys = ["dataset", "config_group"]
+    agg = ok.groupby(keys, dropna=False).agg(
+        label=("label", "first"), baseline=("baseline", "first"), n_aux=("n_aux", "first"),
+        q_pattern=("q_pattern", "first"), d_pattern=("d_pattern", "first"),
+        val_bpd=(metric, "mean"), val_std=(metric, "std"), test_bpd=("test_bpd", "mean"),
+        test_std=("test_bpd", "std"), n=(metric, "count"), steps=("steps", "max"),
+        train_seconds=("train_seconds", "mean"), studies=("study", lambda s: ",".join(sorted(set(s)))),
+        trials=("trial", lambda s: ",".join(str(int(v)) for v in sorted(s))),
+    ).reset_index()
+    return agg.sort_values(["dataset", "val_bpd"]).reset_index(drop=True)
+
+
+def _label(row) -> str:
+    if isinstance(row.get("baseline"), str) and row["baseline"]:
+        return row["baseline"].upper()
+    return f"learned K={int(row['n_aux'])} Q:{row['q_pattern']} D:{row['d_pattern']}/{row['d_param']}"

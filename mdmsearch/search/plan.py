@@ -1,0 +1,162 @@
+"""Define-by-run: turn an Optuna trial into a concrete training plan (structure + hyperparameters).
+
+The same function serves the local executor and Ray Tune (through OptunaSearch), so both
+search exactly the same space.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ..config import RunConfig, parse_run_config
+from ..diffusion.structure import StructureCheck, check_matrices, check_structure, d_pattern, q_pattern, stable_hash
+from .spec import FloatRange, SearchSpec
+
+HYPER_NAMES = ("lr", "process_lr", "gamma", "beta_1")
+
+
+@dataclass
+class TrialPlan:
+    """Everything a trial needs, independent of Optuna."""
+
+    baseline: Optional[str]
+    seed: int
+    n_aux: int
+    q_pattern: str
+    d_pattern: str
+    d_param: str
+    learn: bool
+    q_mask: list[list[int]]
+    d_mask: list[list[int]]
+    hyper: dict[str, Any]
+    params: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n(self) -> int:
+        return self.n_aux + 1
+
+    def process_config(self) -> dict:
+        common = {"gamma": self.hyper["gamma"], "beta_1": self.hyper["beta_1"]}
+        if self.baseline:
+            return {"name": self.baseline, **common}
+        return {"name": "learned", "n_aux": self.n_aux, "q_mask": self.q_mask, "d_mask": self.d_mask,
+                "d_param": self.d_param, "learn": self.learn, **common}
+
+    def run_config(self, spec: SearchSpec) -> RunConfig:
+        b = spec.budget
+        data = {
+            "process": self.process_config(),
+            "data": spec.data.model_dump(mode="json"),
+            "model": spec.model.model_dump(mode="json"),
+            "optim": {"batch_size": b.batch_size, "lr": self.hyper["lr"], "process_lr": self.hyper["process_lr"]},
+            "train": {"steps": b.steps, "eval_every": b.eval_every, "eval_examples": b.eval_examples,
+                      "time_sampler": self.hyper["time_sampler"], "t_min": b.t_min, "seed": self.seed,
+                      "device": b.device, "n_samples": b.n_samples, "sample_steps": b.sample_steps,
+                      "progress": False},
+        }
+        return parse_run_config(data, f"trial plan for study {spec.study}")
+
+    def check(self, spec: SearchSpec) -> StructureCheck:
+        """Validity before any training (math note, section 6)."""
+        if self.baseline:
+            proc = self.run_config(spec).process.build()
+            return check_matrices(proc.Q, proc.D, proc.s_inf)
+        qm = torch.tensor(self.q_mask, dtype=torch.bool)
+        dm = torch.tensor(self.d_mask, dtype=torch.bool)
+        return check_structure(self.n, qm, dm, self.d_param)
+
+    def config_hash(self, spec: SearchSpec, with_seed: bool = True) -> str:
+        """Structure + hyperparameters + budget (+ seed): equal hashes with the seed train
+        identically (dedupe key); without it they group the seeds of one configuration."""
+        key = {"process": self.process_config(), "hyper": self.hyper,
+               "budget": spec.budget.model_dump(mode="json", exclude={"device", "threads"}),
+               "data": spec.data.model_dump(mode="json"), "model": spec.model.model_dump(mode="json")}
+        if with_seed:
+            key["seed"] = self.seed
+        return stable_hash(key)
+
+    def nnz(self) -> tuple[int, int]:
+        return int(sum(map(sum, self.q_mask))), int(sum(map(sum, self.d_mask)))
+
+
+def default_value(r: FloatRange) -> float:
+    """The value baselines use for a searched float: fixed value, first choice or range midpoint."""
+    if r.value is not None:
+        return r.value
+    if r.choices is not None:
+        return r.choices[0]
+    return math.sqrt(r.low * r.high) if r.log else 0.5 * (r.low + r.high)
+
+
+def baseline_params(spec: SearchSpec, seed: int) -> dict[str, Any]:
+    """Fixed parameters enqueued for a baseline trial (hyperparameters at their defaults)."""
+    params: dict[str, Any] = {}
+    for name in HYPER_NAMES:
+        r = getattr(spec.hyper, name)
+        if r.value is None:
+            params[name] = default_value(r)
+    if len(spec.hyper.time_sampler) > 1:
+        params["time_sampler"] = spec.hyper.time_sampler[0]
+    if len(spec.seeds) > 1:
+        params["seed"] = seed
+    return params
+
+
+def _suggest_float(trial, name: str, r: FloatRange) -> float:
+    if r.value is not None:
+        return r.value
+    if r.choices is not None:
+        return float(trial.suggest_categorical(name, r.choices))
+    return float(trial.suggest_float(name, r.low, r.high, log=r.log))
+
+
+def _choice(trial, name: str, options: list):
+    return options[0] if len(options) == 1 else trial.suggest_categorical(name, options)
+
+
+def suggest_plan(trial, spec: SearchSpec, baseline: Optional[str] = None) -> TrialPlan:
+    """Sample (or read back, for enqueued trials) a plan.  ``trial`` is any Optuna trial."""
+    hyper = {name: _suggest_float(trial, name, getattr(spec.hyper, name)) for name in HYPER_NAMES}
+    hyper["time_sampler"] = _choice(trial, "time_sampler", list(spec.hyper.time_sampler))
+    seed = int(_choice(trial, "seed", list(spec.seeds)))
+    if baseline:
+        n_aux = {"vpsde": 0, "cld": 1, "alda": 2, "malda": 2}[baseline]
+        plan = TrialPlan(baseline, seed, n_aux, "fixed", "fixed", "fixed", False, [], [], hyper)
+    else:
+        plan = _suggest_structure(trial, spec, hyper, seed)
+    plan.params = dict(trial.params)
+    return plan
+
+
+def _suggest_structure(trial, spec: SearchSpec, hyper: dict, seed: int) -> TrialPlan:
+    s = spec.structure
+    n_aux = int(_choice(trial, "n_aux", list(s.n_aux)))
+    n = n_aux + 1
+    d_param = _choice(trial, "d_param", list(s.d_param))
+    learn = bool(_choice(trial, "learn", list(s.learn)))
+    if s.per_entry:
+        qm = [[0] * n for _ in range(n)]
+        for i in range(n):
+            for j in range(i + 1, n):
+                qm[i][j] = int(trial.suggest_categorical(f"q_{i}{j}", [0, 1]))
+        dm = [[0] * n for _ in range(n)]
+        for i in range(n):
+            for j in range(i + 1 if d_param == "full" else 0):
+                if d_param == "full" or i == j:
+                    dm[i][j] = int(trial.suggest_categorical(f"l_{i}{j}", [0, 1]))
+            if d_param == "diag":
+                dm[i][i] = int(trial.suggest_categorical(f"l_{i}{i}", [0, 1]))
+        qp, dp = "per-entry", "per-entry"
+    else:
+        qp = _choice(trial, "q_pattern", list(s.q_patterns)) if n_aux > 0 else "none"
+        dp = _choice(trial, "d_pattern", list(s.d_patterns))
+        qm = q_pattern(qp, n).to(torch.int64).tolist()
+        dmask = d_pattern(dp, n)
+        if d_param == "diag":
+            dmask = torch.diag(torch.diagonal(dmask))
+        dm = dmask.to(torch.int64).tolist()
+    return TrialPlan(None, seed, n_aux, qp, dp, d_param, learn, qm, dm, hyper)

@@ -1,0 +1,253 @@
+"""Running trials: the objective shared by all executors, the local worker loop and
+``--workers N`` worker processes."""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Optional
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from .. import __version__
+from ..data import DataBundle, load_dataset
+from ..errors import MDMError
+from ..leaderboard import mask_json, write_curve, write_trial
+from ..training import Trainer
+from ..training.checkpoint import atomic_write_json
+from .plan import TrialPlan, suggest_plan
+from .spec import SearchSpec
+from .study import FINAL_ATTR, Heartbeat, count_trials, open_study, recover_stale, study_lock
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrialOutcome:
+    state: str  # COMPLETE | PRUNED | FAIL | INVALID | DUPLICATE
+    values: Optional[list[float]]
+    row: dict
+
+
+_DATA_CACHE: dict[str, DataBundle] = {}
+
+
+def load_data(spec: SearchSpec) -> DataBundle:
+    d = spec.data
+    key = d.model_dump_json()
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = load_dataset(d.name, data_dir=d.data_dir, seed=d.seed, n_train=d.n_train,
+                                        n_val=d.n_val, n_test=d.n_test, download=d.download, **d.options)
+    return _DATA_CACHE[key]
+
+
+def _base_row(spec: SearchSpec, number: int, plan: TrialPlan, executor: str, started: datetime) -> dict:
+    q_nnz, d_nnz = plan.nnz()
+    return {
+        "trial": number, "baseline": plan.baseline, "seed": plan.seed,
+        "process": plan.baseline or "learned", "n_aux": plan.n_aux, "q_pattern": plan.q_pattern,
+        "d_pattern": plan.d_pattern, "d_param": plan.d_param, "learn": plan.learn,
+        "q_mask": mask_json(plan.q_mask) if plan.q_mask else None,
+        "d_mask": mask_json(plan.d_mask) if plan.d_mask else None, "q_nnz": q_nnz, "d_nnz": d_nnz,
+        "config_hash": plan.config_hash(spec), "config_group": plan.config_hash(spec, with_seed=False),
+        "params": _json(plan.params),
+        "lr": plan.hyper["lr"], "process_lr": plan.hyper["process_lr"], "gamma": plan.hyper["gamma"],
+        "beta_1": plan.hyper["beta_1"], "time_sampler": plan.hyper["time_sampler"],
+        "budget_steps": spec.budget.steps, "executor": executor, "spec_hash": spec.spec_hash(),
+        "started_at": started, "mdmsearch_version": __version__, "torch_version": torch.__version__,
+        "optuna_version": optuna.__version__,
+    }
+
+
+def _json(obj) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def find_duplicate(study: optuna.Study, config_hash: str, own_number: int):
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if (t.number != own_number and t.user_attrs.get("config_hash") == config_hash
+                and t.user_attrs.get("duplicate_of") is None):
+            return t
+    return None
+
+
+def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Optional[optuna.Study] = None,
+                  report: Optional[Callable[[int, dict], None]] = None) -> TrialOutcome:
+    """Run one trial end to end and write its leaderboard row.  ``trial`` is an Optuna trial
+    (ask-and-tell or from Ray's OptunaSearch); ``report(step, metrics)`` is how intermediate
+    values reach the pruner (Optuna's ``trial.report`` + ``should_prune`` by default)."""
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    number = trial.number
+    baseline = trial.user_attrs.get("baseline") if hasattr(trial, "user_attrs") else None
+    plan = suggest_plan(trial, spec, baseline=baseline)
+    artifact_id = trial.user_attrs.get("artifact_id", number)
+    art_dir = spec.study_dir / "trials" / str(artifact_id)
+    row = _base_row(spec, number, plan, executor, started)
+    row["retry_of"] = trial.user_attrs.get("retry_of")
+    row["artifact_dir"] = str(art_dir)
+    trial.set_user_attr("config_hash", row["config_hash"])
+    trial.set_user_attr("artifact_dir", str(art_dir))
+    trial.set_user_attr("artifact_id", artifact_id)
+
+    def done(state: str, values, reason: Optional[str] = None, **extra) -> TrialOutcome:
+        row.update(state=state, reason=reason, wall_seconds=time.perf_counter() - t0,
+                   finished_at=datetime.now(timezone.utc), **extra)
+        write_trial(spec.leaderboard_root, spec.data.name, spec.study, row)
+        (art_dir / "heartbeat.json").unlink(missing_ok=True)  # the claim of worker_loop, if any
+        trial.set_user_attr(FINAL_ATTR, True)
+        if reason:
+            trial.set_user_attr("reason", reason)
+        return TrialOutcome(state, values, row)
+
+    check = plan.check(spec)
+    if not check.valid:
+        log.info("trial %d: invalid structure rejected before training: %s", number, check.reason)
+        return done("INVALID", None, reason=check.reason)
+    if study is not None:
+        dup = find_duplicate(study, row["config_hash"], number)
+        if dup is not None:
+            trial.set_user_attr("duplicate_of", dup.number)
+            log.info("trial %d duplicates trial %d: answered from its result", number, dup.number)
+            first = dup.user_attrs
+            return done("DUPLICATE", list(dup.values), duplicate_of=dup.number, val_bpd=dup.values[0],
+                        test_bpd=first.get("test_bpd"), steps=first.get("steps"))
+
+    config = plan.run_config(spec)
+    atomic_write_json(art_dir / "plan.json", {"plan": plan.__dict__, "trial": number})
+    reporter = report or _optuna_reporter(trial)
+    try:
+        with Heartbeat(art_dir, number):
+            trainer = Trainer(config, art_dir, callback=reporter, data=load_data(spec))
+            if trainer.try_resume():
+                for h in trainer.history:  # the pruner sees the curve from before the crash
+                    if report is None:
+                        trial.report(h["val_bpd"], h["step"])
+            metrics = trainer.fit(resume=False)
+    except optuna.TrialPruned:
+        last = trainer.history[-1] if trainer.history else {}
+        write_curve(spec.curves_root, spec.data.name, spec.study, number, trainer.history)
+        return done("PRUNED", None, reason=f"pruned at step {trainer.step}", val_bpd=last.get("val_bpd"),
+                    best_val_bpd=trainer.best_val, steps=trainer.step, train_seconds=trainer.train_seconds,
+                    n_params=trainer.n_params)
+    except MDMError as exc:  # NaN loss, failed Cholesky, invalid process: a decided failure
+        log.warning("trial %d failed: %s", number, exc)
+        return done("FAIL", None, reason=str(exc))
+    write_curve(spec.curves_root, spec.data.name, spec.study, number, trainer.history)
+    trial.set_user_attr("test_bpd", metrics["test_bpd"])
+    trial.set_user_attr("steps", metrics["steps"])
+    values = [metrics["val_bpd"]]
+    if spec.objective.second:
+        values.append(float(metrics[spec.objective.second]))
+    return done("COMPLETE", values, val_bpd=metrics["val_bpd"], val_bpd_se=metrics["val_bpd_se"],
+                test_bpd=metrics["test_bpd"], best_val_bpd=metrics["best_val_bpd"],
+                prior_kl_per_dim=metrics["prior_kl_per_dim"], steps=metrics["steps"],
+                train_seconds=metrics["train_seconds"], n_params=metrics["n_params"],
+                Q=_json(metrics["Q"]), D=_json(metrics["D"]), structure_hash=_structure_hash(art_dir))
+
+
+def _structure_hash(art_dir: Path) -> Optional[str]:
+    import json
+
+    path = art_dir / "process.json"
+    return json.loads(path.read_text()).get("structure_hash") if path.exists() else None
+
+
+def _optuna_reporter(trial):
+    def report(step: int, metrics: dict) -> None:
+        if len(getattr(trial.study, "directions", [None])) > 1:
+            return  # Optuna cannot prune multi-objective trials
+        trial.report(metrics["val_bpd"], step)
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+
+    return report
+
+
+# ---------------------------------------------------------------------- local executor
+def _tell(study: optuna.Study, trial, outcome: TrialOutcome) -> None:
+    if outcome.state in ("COMPLETE", "DUPLICATE"):
+        study.tell(trial, outcome.values)
+    elif outcome.state == "PRUNED":
+        study.tell(trial, state=TrialState.PRUNED)
+    else:
+        study.tell(trial, state=TrialState.FAIL)
+
+
+def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = False) -> int:
+    """Ask/run/tell until the study has ``spec.n_trials`` finished trials.  Returns trials run."""
+    torch.set_num_threads(spec.budget.threads)
+    study = open_study(spec, allow_spec_change=allow_spec_change)
+    ran = 0
+    while True:
+        with study_lock(spec):
+            recover_stale(study)
+            counts = count_trials(study)
+            if counts["finished"] + counts["running"] >= spec.n_trials:
+                break
+            trial = study.ask()
+            # claim it before releasing the lock: the artifact dir + a first heartbeat
+            art_id = trial.user_attrs.get("artifact_id", trial.number)
+            art_dir = spec.study_dir / "trials" / str(art_id)
+            trial.set_user_attr("artifact_dir", str(art_dir))
+            Heartbeat(art_dir, trial.number).beat()
+        log.info("worker %d: trial %d (%d/%d finished)", worker, trial.number, counts["finished"], spec.n_trials)
+        try:
+            outcome = execute_trial(trial, spec, executor="local", study=study)
+        except Exception:
+            study.tell(trial, state=TrialState.FAIL)  # an unexpected bug: not retried, re-raised
+            raise
+        _tell(study, trial, outcome)
+        ran += 1
+        _log_outcome(worker, outcome)
+    return ran
+
+
+def _log_outcome(worker: int, outcome: TrialOutcome) -> None:
+    r = outcome.row
+    label = r["baseline"] or f"learned K={r['n_aux']} Q:{r['q_pattern']} D:{r['d_pattern']}"
+    bpd = r.get("val_bpd")
+    log.info("worker %d: trial %d %s %s%s", worker, r["trial"], outcome.state, label,
+             f" val_bpd={bpd:.4f}" if isinstance(bpd, float) else (f" ({r.get('reason')})" if r.get("reason") else ""))
+
+
+def _worker_main(spec_json: str, worker: int, allow_spec_change: bool, verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format=f"%(levelname)s w{worker} %(name)s: %(message)s")
+    spec = SearchSpec.model_validate_json(spec_json)
+    worker_loop(spec, worker, allow_spec_change)
+
+
+def run_local(spec: SearchSpec, *, allow_spec_change: bool = False, verbose: bool = False) -> dict:
+    """Run the study with ``spec.workers`` processes on this machine; returns the final counts."""
+    study = open_study(spec, allow_spec_change=allow_spec_change)  # validates/creates once, up front
+    t0 = time.perf_counter()
+    if spec.workers == 1:
+        worker_loop(spec, 0, allow_spec_change)
+    else:
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker_main, args=(spec.model_dump_json(), i, allow_spec_change, verbose),
+                             name=f"mdmsearch-worker-{i}") for i in range(spec.workers)]
+        for p in procs:
+            p.start()
+        try:
+            for p in procs:
+                p.join()
+        except KeyboardInterrupt:
+            for p in procs:
+                p.terminate()
+            raise
+        bad = [p.exitcode for p in procs if p.exitcode != 0]
+        if bad:
+            raise MDMError(f"{len(bad)} worker(s) exited with errors {bad}; re-run the same command to continue")
+    counts = count_trials(study)
+    counts["wall_seconds"] = time.perf_counter() - t0
+    return counts

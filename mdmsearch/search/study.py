@@ -1,0 +1,250 @@
+"""Optuna study plumbing: storage, samplers/pruners from the spec, spec hashing, liveness,
+and recovery of trials whose worker died."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+import optuna
+from optuna.trial import TrialState
+
+from ..errors import ConfigError
+from .plan import baseline_params
+from .spec import SearchSpec
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_SECONDS = 5.0
+STALE_SECONDS = 60.0
+FINAL_ATTR = "final"  # user attr set on every trial whose outcome is decided (counts as finished)
+
+
+def storage_url(spec: SearchSpec) -> str:
+    return spec.storage or f"journal:{spec.study_dir / 'journal.log'}"
+
+
+def make_storage(url: str):
+    """A journal file path (``journal:PATH``) or any Optuna RDB URL."""
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    return optuna.storages.RDBStorage(url)
+
+
+def make_sampler(spec: SearchSpec):
+    s = spec.sampler
+    if s.name == "tpe":
+        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials,
+                                          multivariate=True, group=True)
+    if s.name == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    if s.name == "gp":
+        return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+    if s.name == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=s.seed)
+    if s.name == "grid":
+        return AskTellGridSampler(grid_space(spec), seed=s.seed)
+    raise ConfigError(f"unknown sampler {s.name!r}")  # pragma: no cover - validated by the spec
+
+
+class AskTellGridSampler(optuna.samplers.GridSampler):
+    """GridSampler for ask-and-tell loops: Optuna's version calls ``study.stop()`` once the
+    grid is exhausted, which only works inside ``study.optimize``.  Here the worker loop's
+    trial count decides when to stop; further trials revisit grid points (and are answered
+    as duplicates without training)."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        return None
+
+
+def grid_space(spec: SearchSpec) -> dict[str, list]:
+    st, hy = spec.structure, spec.hyper
+    if st.per_entry:
+        raise ConfigError("sampler.name: grid needs named patterns (structure.per_entry: false)")
+    space: dict[str, list] = {"n_aux": list(st.n_aux), "q_pattern": list(st.q_patterns), "d_pattern": list(st.d_patterns)}
+    for name in ("d_param", "learn"):
+        if len(getattr(st, name)) > 1:
+            space[name] = list(getattr(st, name))
+    for name in ("lr", "process_lr", "gamma", "beta_1"):
+        r = getattr(hy, name)
+        if r.low is not None:
+            raise ConfigError(f"hyper.{name}: the grid sampler needs a value or choices, not a range")
+        if r.choices is not None:
+            space[name] = list(r.choices)
+    if len(hy.time_sampler) > 1:
+        space["time_sampler"] = list(hy.time_sampler)
+    if len(spec.seeds) > 1:
+        space["seed"] = list(spec.seeds)
+    return space
+
+
+def make_pruner(spec: SearchSpec):
+    p = spec.pruner
+    if spec.objective.second is not None or p.name == "none":
+        return optuna.pruners.NopPruner()
+    if p.name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=p.n_startup_trials, n_warmup_steps=p.n_warmup_steps)
+    if p.name == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=spec.budget.eval_every)
+    return optuna.pruners.HyperbandPruner(min_resource=spec.budget.eval_every, max_resource=spec.budget.steps)
+
+
+def directions(spec: SearchSpec) -> list[str]:
+    return ["minimize"] if spec.objective.second is None else ["minimize", "minimize"]
+
+
+@contextmanager
+def study_lock(spec: SearchSpec):
+    """An exclusive lock among the worker processes of this machine (ask/count/recover)."""
+    spec.study_dir.mkdir(parents=True, exist_ok=True)
+    with open(spec.study_dir / ".lock", "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def open_study(spec: SearchSpec, *, allow_spec_change: bool = False, create: bool = True) -> optuna.Study:
+    """Create or load the study; refuse to resume a study created with another space."""
+    url = storage_url(spec)
+    storage = make_storage(url)
+    with study_lock(spec):
+        try:
+            study = optuna.load_study(study_name=spec.study, storage=storage, sampler=make_sampler(spec),
+                                      pruner=make_pruner(spec))
+            fresh = False
+        except KeyError:
+            if not create:
+                raise ConfigError(f"no study {spec.study!r} in {url}") from None
+            study = optuna.create_study(study_name=spec.study, storage=storage, sampler=make_sampler(spec),
+                                        pruner=make_pruner(spec), directions=directions(spec))
+            fresh = True
+        h = spec.spec_hash()
+        if fresh:
+            study.set_user_attr("spec_hash", h)
+            study.set_user_attr("spec", spec.normalized())
+            study.set_user_attr("created_at", datetime.now(timezone.utc).isoformat())
+            for seed in spec.seeds:
+                for name in spec.baselines:
+                    study.enqueue_trial(baseline_params(spec, seed), user_attrs={"baseline": name})
+        elif study.user_attrs.get("spec_hash") != h:
+            if not allow_spec_change:
+                raise ConfigError(
+                    f"study {spec.study!r} was created with a different search space (spec hash "
+                    f"{study.user_attrs.get('spec_hash')} != {h}); use a new study name or --allow-spec-change")
+            log.warning("resuming study %s with a changed spec (hash %s -> %s)", spec.study,
+                        study.user_attrs.get("spec_hash"), h)
+            study.set_user_attr("spec_hash", h)
+            study.set_user_attr("spec", spec.normalized())
+    return study
+
+
+# ---------------------------------------------------------------------- liveness
+def _heartbeat_path(artifact_dir: Path) -> Path:
+    return Path(artifact_dir) / "heartbeat.json"
+
+
+class Heartbeat:
+    """Writes {pid, host, time} next to a running trial's artifacts every few seconds."""
+
+    def __init__(self, artifact_dir: Path, trial_number: int):
+        self.path = _heartbeat_path(artifact_dir)
+        self.trial_number = trial_number
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name=f"heartbeat-{trial_number}")
+
+    def beat(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
+                                   "trial": self.trial_number}))
+        os.replace(tmp, self.path)
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_SECONDS):
+            try:
+                self.beat()
+            except OSError as exc:  # a full disk must not kill training; the next beat retries
+                log.warning("heartbeat write failed: %s", exc)
+
+    def __enter__(self):
+        self.beat()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=2 * HEARTBEAT_SECONDS)
+        self.path.unlink(missing_ok=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def is_stale(trial: optuna.trial.FrozenTrial, now: Optional[float] = None) -> bool:
+    """A RUNNING trial whose worker is gone: its pid is dead on this host, or its heartbeat
+    (or, before the first beat, its start) is older than STALE_SECONDS."""
+    now = time.time() if now is None else now
+    art = trial.user_attrs.get("artifact_dir")
+    hb = _heartbeat_path(Path(art)) if art else None
+    if hb is not None and hb.exists():
+        try:
+            info = json.loads(hb.read_text())
+        except (OSError, ValueError):
+            return False  # being rewritten right now
+        if info.get("host") == socket.gethostname() and not _pid_alive(int(info["pid"])):
+            return True
+        return now - float(info["time"]) > STALE_SECONDS
+    started = trial.datetime_start.timestamp() if trial.datetime_start else now
+    return now - started > STALE_SECONDS
+
+
+def recover_stale(study: optuna.Study) -> list[int]:
+    """Fail dead RUNNING trials and enqueue a retry that resumes from their checkpoint.
+    Call under :func:`study_lock`."""
+    retried = []
+    storage = study._storage
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_stale(t):
+            continue
+        storage.set_trial_user_attr(t._trial_id, "failed_reason", "worker died; retried from its checkpoint")
+        try:
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except RuntimeError:  # finished meanwhile by another worker
+            continue
+        attrs = {"retry_of": t.number, "artifact_id": t.user_attrs.get("artifact_id", t.number)}
+        if t.user_attrs.get("baseline"):
+            attrs["baseline"] = t.user_attrs["baseline"]
+        study.enqueue_trial(dict(t.params), user_attrs=attrs)
+        retried.append(t.number)
+        log.warning("trial %d was left RUNNING by a dead worker: re-queued to resume from its checkpoint", t.number)
+    return retried
+
+
+def count_trials(study: optuna.Study) -> dict[str, int]:
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(1 for t in trials if t.state.is_finished() and t.user_attrs.get(FINAL_ATTR))
+    running = sum(1 for t in trials if t.state == TrialState.RUNNING)
+    waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
+    return {"finished": finished, "running": running, "waiting": waiting, "total": len(trials)}

@@ -1,0 +1,45 @@
+"""Exponential moving average of parameters (network and process), for evaluation."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class EMA:
+    def __init__(self, params: list[nn.Parameter], decay: float):
+        self.params = list(params)
+        self.decay = float(decay)
+        self.shadow = [p.detach().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, step: int | None = None) -> None:
+        """shadow <- d shadow + (1 - d) param, with d warmed up as min(decay, (1+step)/(10+step))
+        so that short runs are not evaluated on their initialization."""
+        decay = self.decay if step is None else min(self.decay, (1.0 + step) / (10.0 + step))
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach(), 1.0 - decay)
+
+    @contextmanager
+    def applied(self):
+        """Temporarily swap the EMA values into the live parameters."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "shadow": [s.clone() for s in self.shadow]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.decay = state["decay"]
+        for s, v in zip(self.shadow, state["shadow"]):
+            s.copy_(v)

@@ -1,0 +1,315 @@
+"""The inner loop: maximize the ELBO jointly over network weights and the process (Q, D).
+
+    Trainer(config, out_dir, callback).fit(resume=...)  ->  final metrics dict
+
+Every ``eval_every`` steps: validation BPD with the EMA weights and a fixed evaluation seed,
+an atomic checkpoint, then ``callback(step, metrics)`` (the search prunes from there by
+raising).  A resumed run continues exactly as an uninterrupted one (all randomness comes
+from generators whose states are checkpointed).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+import yaml
+
+from ..config import RunConfig
+from ..data import DataBundle, load_dataset
+from ..diffusion.process import LinearMDM
+from ..errors import ConfigError, NonFiniteLossError
+from ..nets import build_network, count_parameters
+from ..objectives import elbo, make_time_sampler
+from ..objectives.time_sampling import AdaptiveTime
+from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .ema import EMA
+from .evaluate import evaluate_bpd, prepare_batch
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[int, dict], None]
+CHECKPOINT = "checkpoint.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def network_name(config: RunConfig, data_shape: tuple[int, ...]) -> str:
+    if config.model.name != "auto":
+        return config.model.name
+    return "mlp" if len(data_shape) == 1 else "unet"
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, out_dir: str | Path, callback: Optional[Callback] = None,
+                 data: Optional[DataBundle] = None):
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.callback = callback
+        self.device = resolve_device(config.train.device)
+        tc = config.train
+        torch.manual_seed(tc.seed)
+        self.data = data if data is not None else load_dataset(
+            config.data.name, data_dir=config.data.data_dir, seed=config.data.seed, n_train=config.data.n_train,
+            n_val=config.data.n_val, n_test=config.data.n_test, download=config.data.download, **config.data.options)
+        self.process: LinearMDM = config.process.build(seed=tc.seed).to(self.device)
+        self.process.validate()  # invalid structures cost no training
+        self.net = build_network(network_name(config, self.data.shape), n_vars=self.process.n,
+                                 data_shape=tuple(self.data.shape), size=config.model.size,
+                                 **config.model.options).to(self.device)
+        self.train_x = self.data.train.to(self.device)
+        self.time_sampler = make_time_sampler(tc.time_sampler, self.process, t_min=tc.t_min)
+        self.eval_sampler = make_time_sampler("adaptive" if tc.time_sampler == "adaptive" else "vp",
+                                              self.process, t_min=tc.t_min)
+        self.process_params = [p for p in self.process.parameters() if p.requires_grad]
+        groups = [{"params": list(self.net.parameters()), "lr": config.optim.lr,
+                   "weight_decay": config.optim.weight_decay}]
+        if self.process_params and config.optim.process_lr > 0:
+            groups.append({"params": self.process_params, "lr": config.optim.process_lr, "weight_decay": 0.0})
+        self.optimizer = torch.optim.Adam(groups) if config.optim.weight_decay == 0 else torch.optim.AdamW(groups)
+        warmup = config.optim.warmup
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
+        self.ema = EMA(list(self.net.parameters()) + self.process_params, config.optim.ema)
+        self.data_gen = torch.Generator().manual_seed(tc.seed + 1)  # batch indices (CPU)
+        self.noise_gen = torch.Generator(device=self.device).manual_seed(tc.seed + 2)  # t, eps, dequantization
+        self.step = 0
+        self.train_seconds = 0.0
+        self.history: list[dict] = []
+        self.best_val = math.inf
+        self.n_params = count_parameters(self.net)
+        self._last_eval: Optional[tuple] = None
+        self.running_loss: Optional[float] = None
+
+    # ------------------------------------------------------------------ pieces
+    def model(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return self.net(z, t)
+
+    def loss(self, batch: torch.Tensor) -> torch.Tensor:
+        """Negative ELBO in nats per dimension (no truncation term: it does not train the
+        network's score and costs a second network pass)."""
+        x, _ = prepare_batch(batch, self.data.levels, self.noise_gen)
+        nats = elbo(self.process, x, self.model, time_sampler=self.time_sampler, truncation=False,
+                    generator=self.noise_gen)
+        return -nats.mean() / self.data.dim
+
+    def train_step(self) -> float:
+        idx = torch.randint(0, self.train_x.shape[0], (self.config.optim.batch_size,), generator=self.data_gen)
+        batch = self.train_x[idx.to(self.device)]
+        self.net.train()
+        loss = self.loss(batch)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"non-finite loss ({loss.item()}) at step {self.step + 1} for process {self.process.name!r} "
+                f"(Q={self.process.Q.detach().tolist()}, D={self.process.D.detach().tolist()}); "
+                "lower the learning rates or check the data")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip)
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLossError(f"non-finite gradient at step {self.step + 1}")
+        self.optimizer.step()
+        self.scheduler.step()
+        self.ema.update(self.step)
+        self.step += 1
+        if isinstance(self.time_sampler, AdaptiveTime) and self.step % self.config.train.adaptive_refresh == 0:
+            self.time_sampler.refresh(self.process)
+        return loss.item()
+
+    def evaluate(self, split: str = "val", n_examples: Optional[int] = None) -> dict:
+        tc = self.config.train
+        data = getattr(self.data, split)
+        if n_examples is not None:
+            data = data[:n_examples]
+        key = (split, self.step, int(data.shape[0]), tc.eval_n_t)
+        if self._last_eval is not None and self._last_eval[0] == key:
+            return dict(self._last_eval[1])  # same weights, same data, same seed: same numbers
+        self.net.eval()
+        with self.ema.applied():
+            if isinstance(self.eval_sampler, AdaptiveTime):
+                self.eval_sampler.refresh(self.process)
+            res = evaluate_bpd(self.process, self.model, data, self.data.levels, time_sampler=self.eval_sampler,
+                               batch_size=tc.eval_batch_size, n_t=tc.eval_n_t, seed=tc.eval_seed, device=self.device)
+        self._last_eval = (key, dict(res))
+        return res
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict:
+        ts = self.time_sampler
+        return {
+            "config": self.config.model_dump(mode="json"),
+            "step": self.step,
+            "train_seconds": self.train_seconds,
+            "history": self.history,
+            "best_val": self.best_val,
+            "running_loss": self.running_loss,
+            "net": self.net.state_dict(),
+            "process": self.process.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng": {"torch": torch.get_rng_state(), "data": self.data_gen.get_state(),
+                    "noise": self.noise_gen.get_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "time_sampler": ({"prob": ts.prob, "cum": ts.cum, "edges": ts.edges, "width": ts.width}
+                             if isinstance(ts, AdaptiveTime) else None),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = state["step"]
+        self.train_seconds = state["train_seconds"]
+        self.history = state["history"]
+        self.best_val = state["best_val"]
+        self.running_loss = state.get("running_loss")
+        self.net.load_state_dict(state["net"])
+        self.process.load_state_dict(state["process"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.data_gen.set_state(state["rng"]["data"])
+        self.noise_gen.set_state(state["rng"]["noise"])
+        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        if state.get("time_sampler") and isinstance(self.time_sampler, AdaptiveTime):
+            for k, v in state["time_sampler"].items():
+                setattr(self.time_sampler, k, v.to(self.device))
+
+    def save(self) -> None:
+        save_checkpoint(self.out_dir / CHECKPOINT, self.state_dict())
+
+    def try_resume(self) -> bool:
+        path = self.out_dir / CHECKPOINT
+        if not path.exists():
+            return False
+        state = load_checkpoint(path, map_location=self.device)
+        saved = dict(state["config"])
+        current = self.config.model_dump(mode="json")
+        # the budget may grow on resume; everything else must match
+        saved["train"] = {k: v for k, v in saved["train"].items() if k not in ("steps", "progress")}
+        cur_cmp = {**current, "train": {k: v for k, v in current["train"].items() if k not in ("steps", "progress")}}
+        if saved != cur_cmp:
+            raise ConfigError(f"{path}: checkpoint was written by a different configuration; use another --out")
+        self.load_state_dict(state)
+        log.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def fit(self, resume: bool = False) -> dict:
+        tc = self.config.train
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+        if resume:
+            self.try_resume()
+        if self.step == 0:
+            log.info("process %s (n=%d, %s), network %d params, dataset %s %s", self.process.name, self.process.n,
+                     "learned" if self.process_params else "fixed", self.n_params, self.data.name, self.data.shape)
+        bar = _progress(tc, self.step)
+        while self.step < tc.steps:
+            t0 = time.perf_counter()
+            loss = self.train_step()
+            self.train_seconds += time.perf_counter() - t0
+            # smoothed training loss (nats/dim), checkpointed so a resumed curve continues
+            self.running_loss = loss if self.running_loss is None else 0.98 * self.running_loss + 0.02 * loss
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{self.running_loss:.4f}", val_bpd=f"{self.best_val:.4f}")
+            if self.step % tc.eval_every == 0 or self.step == tc.steps:
+                self._eval_and_checkpoint(self.running_loss)
+        if bar is not None:
+            bar.close()
+        return self.finish()
+
+    def _eval_and_checkpoint(self, running_loss: Optional[float]) -> None:
+        res = self.evaluate("val", self.config.train.eval_examples)
+        self.best_val = min(self.best_val, res["bpd"])
+        row = {"step": self.step, "train_loss": running_loss, "val_bpd": res["bpd"], "val_bpd_se": res["bpd_se"],
+               "train_seconds": self.train_seconds}
+        self.history.append(row)
+        log.info("step %d  loss %.4f  val_bpd %.4f", self.step, running_loss if running_loss is not None else float("nan"), res["bpd"])
+        self.save()
+        self._write_history()
+        if self.callback is not None:
+            self.callback(self.step, dict(row))
+
+    def _write_history(self) -> None:
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["step", "train_loss", "val_bpd", "val_bpd_se", "train_seconds"])
+        writer.writeheader()
+        writer.writerows(self.history)
+        atomic_write_text(self.out_dir / "history.csv", buf.getvalue())
+
+    def process_summary(self) -> dict:
+        with self.ema.applied():
+            q = self.process.Q.detach().cpu()
+            d = self.process.D.detach().cpu()
+            a = self.process.A.detach().cpu()
+        return {"name": self.process.name, "n_aux": self.process.n_aux, "Q": q.tolist(), "D": d.tolist(),
+                "eig_A_real": torch.linalg.eigvals(a).real.tolist(), "eig_A_imag": torch.linalg.eigvals(a).imag.tolist(),
+                "structure": self.process.structure(), "structure_hash": self.process.structure_hash()}
+
+    def finish(self) -> dict:
+        """Final evaluation (val, then test once), artifacts and metrics.json."""
+        from ..viz import plot_qd
+
+        tc = self.config.train
+        val = self.evaluate("val")
+        test = self.evaluate("test")
+        summary = self.process_summary()
+        with self.ema.applied():
+            prior_kl = float(self.process.prior_kl(self.data.val[:256].to(self.device).float()).detach().mean()) / self.data.dim \
+                if self.data.levels is None else val["prior_kl_per_dim"]
+        metrics = {
+            "dataset": self.data.name, "process": self.process.name, "n_aux": self.process.n_aux,
+            "structure_hash": summary["structure_hash"], "steps": self.step, "train_seconds": self.train_seconds,
+            "n_params": self.n_params, "val_bpd": val["bpd"], "val_bpd_se": val["bpd_se"], "val_n": val["n"],
+            "test_bpd": test["bpd"], "test_bpd_se": test["bpd_se"], "test_n": test["n"],
+            "best_val_bpd": min(self.best_val, val["bpd"]), "prior_kl_per_dim": prior_kl,
+            "Q": summary["Q"], "D": summary["D"], "levels": self.data.levels, "dim": self.data.dim,
+        }
+        atomic_write_json(self.out_dir / "process.json", summary)
+        plot_qd(summary["Q"], summary["D"], self.out_dir / "qd.png",
+                title=f"{self.process.name} (K={self.process.n_aux}) after {self.step} steps")
+        if tc.n_samples > 0:
+            metrics["samples"] = self.write_samples(tc.n_samples)
+        atomic_write_json(self.out_dir / "metrics.json", metrics)
+        log.info("done: val_bpd %.4f test_bpd %.4f (%d steps, %.1fs)", val["bpd"], test["bpd"], self.step, self.train_seconds)
+        return metrics
+
+    def write_samples(self, n: int) -> str:
+        from ..sampling import sample, to_images
+        from ..data import save_image_grid, save_scatter
+
+        gen = torch.Generator(device=self.device).manual_seed(self.config.train.eval_seed)
+        self.net.eval()
+        with self.ema.applied():
+            x = sample(self.process, self.model, n, tuple(self.data.shape), sampler="em",
+                       steps=self.config.train.sample_steps, t_min=self.config.train.t_min, generator=gen,
+                       device=self.device)
+        path = self.out_dir / "samples.png"
+        if self.data.levels is not None:
+            save_image_grid(to_images(x, self.data.levels).cpu(), path)
+        elif len(self.data.shape) == 1 and self.data.shape[0] == 2:
+            save_scatter(x.cpu(), path)
+        else:
+            return ""
+        return path.name
+
+
+def _progress(tc, initial: int):
+    if not tc.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=tc.steps, initial=initial, desc="train", leave=False, dynamic_ncols=True)

@@ -1,0 +1,306 @@
+"""The Ray Tune executor: a tiny study on a local Ray instance, SIGKILL of the driver and
+resume, one leaderboard tree shared with the local executor, and Ray being optional."""
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from mdmsearch.errors import MDMError
+from mdmsearch.leaderboard import COLUMNS
+from mdmsearch.search.spec import parse_spec
+from mdmsearch.search.study import FINAL_ATTR, make_storage
+
+HAVE_RAY = importlib.util.find_spec("ray") is not None
+needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray is not installed")
+
+TINY = {
+    "study": "tiny-ray",
+    "data": {"name": "digits"},
+    "model": {"name": "unet", "size": "tiny"},
+    "budget": {"steps": 30, "eval_every": 10, "eval_examples": 32, "batch_size": 16, "n_samples": 4, "sample_steps": 5},
+    "sampler": {"name": "random", "seed": 0},
+    "pruner": {"name": "median", "n_startup_trials": 2},
+    "structure": {"n_aux": [0, 1, 2], "q_patterns": ["full", "chain"], "d_patterns": ["full", "aux", "last"]},
+    "hyper": {"process_lr": [0.01, 0.03]},
+    "baselines": ["vpsde", "cld"],
+    "n_trials": 6,
+    "workers": 2,
+}
+STATE_IN_STUDY = {"COMPLETE": "COMPLETE", "DUPLICATE": "COMPLETE", "PRUNED": "PRUNED", "FAIL": "FAIL",
+                  "INVALID": "FAIL"}
+
+
+# ---------------------------------------------------------------------- helpers
+def _ray_tmpdir() -> str:
+    # short: Ray's unix sockets live under it (108-byte path limit)
+    return tempfile.mkdtemp(prefix="mdmray", dir="/tmp")
+
+
+def _env(ray_tmp: str) -> dict:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg", "RAY_AUTH_MODE": "disabled",
+            "RAY_TMPDIR": ray_tmp}
+
+
+def _ray_pids(ray_tmp: str) -> list[int]:
+    """Processes started for this RAY_TMPDIR (they inherit it; Ray renames its processes)."""
+    needle = f"RAY_TMPDIR={ray_tmp}".encode()
+    pids = []
+    if not Path("/proc").is_dir():  # pragma: no cover - Linux only
+        return pids
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in env:
+            pids.append(int(proc.name))
+    return pids
+
+
+def _wait_no_ray(ray_tmp: str, timeout: float = 30.0) -> list[int]:
+    deadline = time.time() + timeout
+    pids = _ray_pids(ray_tmp)
+    while pids and time.time() < deadline:
+        time.sleep(0.5)
+        pids = _ray_pids(ray_tmp)
+    return pids
+
+
+def _kill_ray(ray_tmp: str) -> None:
+    """SIGKILL what a killed driver left behind (only processes of this RAY_TMPDIR, by pid)."""
+    for pid in _ray_pids(ray_tmp):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _write(path: Path, spec: dict) -> Path:
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def _cmd(spec_path: Path, studies: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "mdmsearch.cli", "run", str(spec_path), "--studies-dir", str(studies), *extra]
+
+
+def _run(cwd: Path, spec_path: Path, studies: Path, env: dict, *extra, timeout=600):
+    return subprocess.run(_cmd(spec_path, studies, *extra), capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd, env=env)
+
+
+def _counts(proc) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _board(studies: Path, study: str):
+    return pd.read_parquet(studies / "leaderboard" / "dataset=digits" / f"study={study}")
+
+
+def _study(studies: Path, study: str) -> optuna.Study:
+    return optuna.load_study(study_name=study, storage=make_storage(f"journal:{studies / study / 'journal.log'}"))
+
+
+def _check_board_matches_study(df, study: optuna.Study) -> None:
+    """One row per decided trial, written once, with the state the study has."""
+    assert df["trial"].is_unique
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    decided = {n for n, t in trials.items() if t.user_attrs.get(FINAL_ATTR)}
+    assert set(df["trial"]) == decided
+    for _, row in df.iterrows():
+        assert trials[row["trial"]].state.name == STATE_IN_STUDY[row["state"]], row["trial"]
+    assert not [t for t in trials.values() if t.state.name in ("RUNNING", "WAITING")]
+
+
+# ---------------------------------------------------------------------- a tiny study on local Ray
+@pytest.fixture(scope="module")
+def ray_study(tmp_path_factory):
+    """One Ray study (shared by the tests that only read it)."""
+    root = tmp_path_factory.mktemp("raystudy")
+    ray_tmp = _ray_tmpdir()
+    try:
+        spec = _write(root / "spec.yaml", TINY)
+        proc = _run(root, spec, root / "studies", _env(ray_tmp), "--executor", "ray")
+        leftovers = _wait_no_ray(ray_tmp)
+    finally:
+        _kill_ray(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    yield {"root": root, "studies": root / "studies", "proc": proc, "leftovers": leftovers}
+
+
+@needs_ray
+def test_tiny_study_with_ray(ray_study):
+    proc, studies = ray_study["proc"], ray_study["studies"]
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    counts = _counts(proc)
+    assert counts["finished"] == 6 and counts["running"] == 0 and counts["waiting"] == 0
+    # every trial in the leaderboard, written by the Ray trials themselves
+    df = _board(studies, "tiny-ray")
+    assert sorted(df["trial"]) == list(range(6))
+    assert set(df["executor"]) == {"ray"}
+    assert set(df["baseline"].dropna()) == {"vpsde", "cld"}  # the enqueued baselines ran
+    assert (df["process"] == "learned").any()
+    # the ASHA scheduler pruned some trials; the trials recorded where
+    pruned = df[df["state"] == "PRUNED"]
+    assert len(pruned) >= 1 and (pruned["steps"] < 30).all()
+    assert pruned["reason"].str.contains("pruned at step").all()
+    done = df[df["state"] == "COMPLETE"]
+    assert len(done) >= 1 and (done["steps"] == 30).all() and done["test_bpd"].notna().all()
+    # ... and in the Optuna study, with the intermediate values at the real training steps
+    study = _study(studies, "tiny-ray")
+    _check_board_matches_study(df, study)
+    trained = set(df[df["state"].isin(["COMPLETE", "PRUNED"])]["trial"])
+    for t in study.get_trials(deepcopy=False):
+        if t.number in trained:  # (DUPLICATE and INVALID trials do not train)
+            assert t.intermediate_values and set(t.intermediate_values) <= {10, 20, 30}
+        if t.state.name == "PRUNED":
+            assert t.user_attrs.get("tune_stopped") == max(t.intermediate_values)
+    # the Tune experiment lives with the study, with per-trial checkpoints through Tune
+    exp = studies / "tiny-ray" / "ray" / "run-1"
+    assert (exp / ".mdmsearch-done").exists()
+    assert list(exp.glob("trial-*/checkpoint_*/checkpoint.pt"))
+    # Ray was shut down cleanly: no process of that Ray instance is left
+    assert ray_study["leftovers"] == []
+
+
+@needs_ray
+def test_local_and_ray_results_share_one_leaderboard(ray_study):
+    root, studies = ray_study["root"], ray_study["studies"]
+    assert ray_study["proc"].returncode == 0, ray_study["proc"].stderr[-4000:]
+    spec = _write(root / "local.yaml", dict(TINY, study="tiny-local", n_trials=3, workers=1,
+                                             pruner={"name": "none"}))
+    proc = _run(root, spec, studies, {**os.environ, "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    tree = pd.read_parquet(studies / "leaderboard")
+    tree["study"] = tree["study"].astype(str)
+    assert set(tree["study"]) == {"tiny-ray", "tiny-local"}
+    assert set(tree.groupby("study")["executor"].unique().map(tuple)) == {("ray",), ("local",)}
+    assert set(COLUMNS) - {"dataset", "study"} <= set(tree.columns)
+    files = sorted((studies / "leaderboard").rglob("*.parquet"))
+    assert len(files) == 9 and len({str(pq.read_schema(f)) for f in files}) == 1
+    # comparable: the same baseline config trains to the same result under both executors
+    vp = tree[(tree["baseline"] == "vpsde") & (tree["state"] == "COMPLETE")]
+    assert len(vp) == 2 and vp["config_hash"].nunique() == 1
+    a, b = vp["val_bpd"].tolist()
+    assert math.isclose(a, b, rel_tol=1e-4), (a, b)
+    board = subprocess.run([sys.executable, "-m", "mdmsearch.cli", "leaderboard", "--dataset", "digits",
+                            "--root", str(studies / "leaderboard"), "--format", "json"],
+                           capture_output=True, text=True, cwd=root)
+    assert board.returncode == 0, board.stderr
+    rows = json.loads(board.stdout.strip().splitlines()[0])
+    assert any("tiny-ray" in str(r["studies"]) and "tiny-local" in str(r["studies"]) for r in rows)
+
+
+# ---------------------------------------------------------------------- driver killed, command re-run
+@needs_ray
+def test_driver_killed_then_resumed(tmp_path):
+    ray_tmp = _ray_tmpdir()
+    try:
+        studies = tmp_path / "studies"
+        spec = _write(tmp_path / "spec.yaml", dict(TINY, study="tiny-kill", n_trials=7))
+        part = studies / "leaderboard" / "dataset=digits" / "study=tiny-kill"
+        proc = subprocess.Popen(_cmd(spec, studies, "--executor", "ray"), cwd=tmp_path, env=_env(ray_tmp),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 180
+        while time.time() < deadline and proc.poll() is None and not list(part.glob("trial-*.parquet")):
+            time.sleep(0.2)
+        assert proc.poll() is None, "the study ended before the driver could be killed"
+        assert list(part.glob("trial-*.parquet")), "no trial finished in time"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        _kill_ray(ray_tmp)  # a SIGKILLed driver leaves Ray's agents behind
+        first = {int(p.stem.split("-")[1]): pd.read_parquet(p)[["started_at", "finished_at"]].iloc[0].tolist()
+                 for p in part.glob("trial-*.parquet")}
+        assert len(first) < 7
+
+        res = _run(tmp_path, spec, studies, _env(ray_tmp), "--executor", "ray")
+        assert res.returncode == 0, res.stderr[-4000:]
+        assert _counts(res)["finished"] == 7
+        assert "restored the Tune experiment" in res.stderr
+        df = _board(studies, "tiny-kill")
+        study = _study(studies, "tiny-kill")
+        _check_board_matches_study(df, study)
+        assert len(df) == 7
+        assert set(first) <= set(df["trial"])
+        # finished trials were not rerun: their rows are still the ones written before the kill
+        for n, times in first.items():
+            assert pd.read_parquet(part / f"trial-{n}.parquet")[["started_at", "finished_at"]].iloc[0].tolist() == times
+        # a trial cut short by the kill is resumed (by Tune) or retried from its checkpoint, never both
+        for _, row in df[df["retry_of"].notna()].iterrows():
+            orig = study.trials[int(row["retry_of"])]
+            assert orig.state.name == "FAIL" and int(row["retry_of"]) not in set(df["trial"])
+        exp = studies / "tiny-kill" / "ray"
+        assert (exp / "run-1" / ".mdmsearch-done").exists() and not (exp / "run-2").exists()
+        assert _wait_no_ray(ray_tmp) == []
+    finally:
+        _kill_ray(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@needs_ray
+def test_unexpected_trial_error_stops_the_ray_run(tmp_path):
+    """Like the local executor: an unexpected exception in a trial (here: no CUDA) ends the run
+    with one line and exit status 2; the trial is FAIL in the study and not counted."""
+    ray_tmp = _ray_tmpdir()
+    try:
+        spec = _write(tmp_path / "spec.yaml", dict(TINY, study="tiny-err", n_trials=2, workers=1,
+                                                    budget=dict(TINY["budget"], device="cuda")))
+        res = _run(tmp_path, spec, tmp_path / "studies", _env(ray_tmp), "--executor", "ray")
+        assert res.returncode == 2, res.stderr[-3000:]
+        assert "mdmsearch: error: a Ray trial raised an error" in res.stderr.strip().splitlines()[-1]
+        study = _study(tmp_path / "studies", "tiny-err")
+        failed = [t for t in study.trials if t.state.name == "FAIL"]
+        assert len(failed) == 1 and not failed[0].user_attrs.get(FINAL_ATTR)
+        assert not (tmp_path / "studies" / "leaderboard").exists()
+        assert _wait_no_ray(ray_tmp) == []
+    finally:
+        _kill_ray(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------- Ray is optional
+def test_without_ray_the_executor_says_how_to_install_it(tmp_path, monkeypatch):
+    from mdmsearch.search.ray_executor import run_ray
+
+    for name in [m for m in sys.modules if m == "ray" or m.startswith("ray.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "ray", None)
+    spec = parse_spec(dict(TINY, studies_dir=str(tmp_path / "studies")))
+    with pytest.raises(MDMError) as err:
+        run_ray(spec)
+    msg = str(err.value)
+    assert msg == 'the Ray executor needs Ray: pip install -e ".[ray]"' and "\n" not in msg
+    assert not (tmp_path / "studies").exists()  # nothing was created
+
+
+@needs_ray
+def test_pruner_maps_to_a_tune_scheduler():
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from mdmsearch.search.ray_executor import make_scheduler
+
+    for name in ("median", "successive_halving", "hyperband"):
+        sched = make_scheduler(parse_spec(dict(TINY, pruner={"name": name})))
+        assert isinstance(sched, ASHAScheduler), name
+        assert sched._time_attr == "step" and sched._metric == "val_bpd" and sched._mode == "min"
+        assert sched._max_t == 30
+        assert min(m for m, _ in sched._brackets[0]._rungs) == 10  # grace period = eval_every
+    assert type(make_scheduler(parse_spec(dict(TINY, pruner={"name": "none"})))) is FIFOScheduler
+    two = parse_spec(dict(TINY, objective={"metric": "val_bpd", "second": "train_seconds"}))
+    assert type(make_scheduler(two)) is FIFOScheduler  # Optuna/Tune cannot prune two objectives
