@@ -21,6 +21,7 @@ def add_search_commands(sub) -> None:
     p.add_argument("--studies-dir", default=None, help="where studies live (default: studies/)")
     p.add_argument("--executor", choices=["local", "ray"], default=None)
     p.add_argument("--address", default=None, help="Ray cluster address (with --executor ray), e.g. auto")
+    p.add_argument("--time-budget", type=float, default=None, help="seconds after which no new trial starts")
     p.add_argument("--allow-spec-change", action="store_true", help="resume a study whose spec changed")
     p.set_defaults(func=_cmd_run)
 
@@ -42,7 +43,8 @@ def _load(args):
     from .spec import load_spec
 
     overrides = {"n_trials": args.n_trials, "workers": args.workers, "storage": args.storage,
-                 "dataset": args.dataset, "studies_dir": args.studies_dir, "executor": args.executor}
+                 "dataset": args.dataset, "studies_dir": args.studies_dir, "executor": args.executor,
+                 "time_budget_s": args.time_budget}
     return load_spec(args.spec, overrides)
 
 

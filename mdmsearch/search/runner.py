@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -102,7 +103,6 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
         row.update(state=state, reason=reason, wall_seconds=time.perf_counter() - t0,
                    finished_at=datetime.now(timezone.utc), **extra)
         write_trial(spec.leaderboard_root, spec.data.name, spec.study, row)
-        (art_dir / "heartbeat.json").unlink(missing_ok=True)  # the claim of worker_loop, if any
         trial.set_user_attr(FINAL_ATTR, True)
         if reason:
             trial.set_user_attr("reason", reason)
@@ -185,9 +185,13 @@ def _tell(study: optuna.Study, trial, outcome: TrialOutcome) -> None:
 def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = False) -> int:
     """Ask/run/tell until the study has ``spec.n_trials`` finished trials.  Returns trials run."""
     torch.set_num_threads(spec.budget.threads)
-    study = open_study(spec, allow_spec_change=allow_spec_change)
+    study = open_study(spec, allow_spec_change=allow_spec_change, worker=worker)
     ran = 0
+    deadline = time.time() + spec.time_budget_s if spec.time_budget_s else None
     while True:
+        if deadline is not None and time.time() >= deadline:
+            log.info("worker %d: time budget of %.0fs used up", worker, spec.time_budget_s)
+            break
         with study_lock(spec):
             recover_stale(study)
             counts = count_trials(study)
@@ -206,6 +210,7 @@ def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = Fal
             study.tell(trial, state=TrialState.FAIL)  # an unexpected bug: not retried, re-raised
             raise
         _tell(study, trial, outcome)
+        (art_dir / "heartbeat.json").unlink(missing_ok=True)  # told: no longer claimed
         ran += 1
         _log_outcome(worker, outcome)
     return ran
@@ -219,7 +224,25 @@ def _log_outcome(worker: int, outcome: TrialOutcome) -> None:
              f" val_bpd={bpd:.4f}" if isinstance(bpd, float) else (f" ({r.get('reason')})" if r.get("reason") else ""))
 
 
+def _die_with_parent() -> None:
+    """Linux: have the kernel SIGTERM this worker when the `mdmsearch run` process dies (even by
+    SIGKILL), so that a killed run leaves no orphan workers; their trials are recovered by the
+    next run (dead pid)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    PR_SET_PDEATHSIG = 1
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def _worker_main(spec_json: str, worker: int, allow_spec_change: bool, verbose: bool) -> None:
+    _die_with_parent()
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format=f"%(levelname)s w{worker} %(name)s: %(message)s")
     spec = SearchSpec.model_validate_json(spec_json)

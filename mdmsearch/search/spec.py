@@ -144,6 +144,7 @@ class SearchSpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], description="training seeds; each config runs once per seed")
     n_trials: int = Field(20, gt=0)
     workers: int = Field(1, gt=0)
+    time_budget_s: Optional[float] = Field(None, gt=0, description="stop asking new trials after this many seconds")
     storage: Optional[str] = Field(None, description="Optuna storage URL; default: journal file under studies/<study>/")
     studies_dir: str = "studies"
     leaderboard_dir: Optional[str] = Field(None, description="default: <studies_dir>/leaderboard")
@@ -168,7 +169,8 @@ class SearchSpec(_Strict):
     def normalized(self) -> dict:
         """The part of the spec that defines the study's search space (hashed and stored)."""
         keep = self.model_dump(mode="json", exclude={"n_trials", "workers", "storage", "studies_dir",
-                                                       "leaderboard_dir", "executor", "resources"})
+                                                       "leaderboard_dir", "executor", "resources",
+                                                       "time_budget_s"})
         keep["budget"].pop("device", None)
         keep["budget"].pop("threads", None)
         return keep

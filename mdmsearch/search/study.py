@@ -44,8 +44,10 @@ def make_storage(url: str):
     return optuna.storages.RDBStorage(url)
 
 
-def make_sampler(spec: SearchSpec):
-    s = spec.sampler
+def make_sampler(spec: SearchSpec, worker: int = 0):
+    """The spec's sampler; each worker process gets its own seed (seed + worker), otherwise
+    parallel workers would propose identical random start-up trials."""
+    s = spec.sampler.model_copy(update={"seed": spec.sampler.seed + worker})
     if s.name == "tpe":
         return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials,
                                           multivariate=True, group=True)
@@ -118,19 +120,20 @@ def study_lock(spec: SearchSpec):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def open_study(spec: SearchSpec, *, allow_spec_change: bool = False, create: bool = True) -> optuna.Study:
+def open_study(spec: SearchSpec, *, allow_spec_change: bool = False, create: bool = True,
+               worker: int = 0) -> optuna.Study:
     """Create or load the study; refuse to resume a study created with another space."""
     url = storage_url(spec)
     storage = make_storage(url)
     with study_lock(spec):
         try:
-            study = optuna.load_study(study_name=spec.study, storage=storage, sampler=make_sampler(spec),
+            study = optuna.load_study(study_name=spec.study, storage=storage, sampler=make_sampler(spec, worker),
                                       pruner=make_pruner(spec))
             fresh = False
         except KeyError:
             if not create:
                 raise ConfigError(f"no study {spec.study!r} in {url}") from None
-            study = optuna.create_study(study_name=spec.study, storage=storage, sampler=make_sampler(spec),
+            study = optuna.create_study(study_name=spec.study, storage=storage, sampler=make_sampler(spec, worker),
                                         pruner=make_pruner(spec), directions=directions(spec))
             fresh = True
         h = spec.spec_hash()
@@ -187,9 +190,10 @@ class Heartbeat:
         return self
 
     def __exit__(self, *exc):
+        # the file stays until the trial is told (worker_loop removes it then): a worker killed
+        # between the leaderboard write and the tell is detected by its dead pid
         self._stop.set()
         self._thread.join(timeout=2 * HEARTBEAT_SECONDS)
-        self.path.unlink(missing_ok=True)
 
 
 def _pid_alive(pid: int) -> bool:

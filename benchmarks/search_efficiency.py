@@ -1,0 +1,109 @@
+"""Search efficiency on digits: best validation BPD found vs wall time for random search vs
+TPE, each with and without (median) pruning, under an equal wall-clock budget; reports the
+time to get within 0.02 bpd of the final best (over all four runs).  Also scaling: finished
+trials per hour with 1 vs 2 local workers (and the Ray executor with --ray).
+
+    python benchmarks/search_efficiency.py --quick        # ~4 x 2 min
+    python benchmarks/search_efficiency.py --budget 900   # ~4 x 15 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from _common import ROOT, md_table, write
+
+WORK = Path("/tmp/mdmsearch-search-bench")
+
+
+def spec(study: str, sampler: str, pruner: str, steps: int, n_trials: int, workers: int = 1) -> dict:
+    base = yaml.safe_load((ROOT / "search_spaces" / "aux3.yaml").read_text())
+    base.update(study=study, n_trials=n_trials, workers=workers)
+    base["sampler"] = {"name": sampler, "seed": 0, "n_startup_trials": 6}
+    base["pruner"] = {"name": pruner, "n_startup_trials": 4, "n_warmup_steps": steps // 4}
+    base["budget"].update(steps=steps, eval_every=steps // 4, n_samples=0)
+    return base
+
+
+def run(study_spec: dict, budget: float, extra: list[str] | None = None) -> dict:
+    WORK.mkdir(parents=True, exist_ok=True)
+    path = WORK / f"{study_spec['study']}.yaml"
+    path.write_text(yaml.safe_dump(study_spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "mdmsearch.cli", "run", str(path), "--studies-dir",
+                           str(WORK / "studies"), "--time-budget", str(budget), *(extra or [])],
+                          capture_output=True, text=True, env=env)
+    wall = time.time() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    return {"wall": wall, "counts": json.loads(proc.stdout.strip().splitlines()[-1]), "t0": t0}
+
+
+def anytime(study: str, t0: float):
+    import pandas as pd
+
+    df = pd.read_parquet(WORK / "studies" / "leaderboard" / "dataset=digits" / f"study={study}")
+    df = df[df["state"] == "COMPLETE"].copy()
+    df["t"] = df["finished_at"].map(lambda ts: ts.timestamp()) - t0
+    df = df.sort_values("t")
+    df["best"] = df["val_bpd"].cummin()
+    return df[["t", "best", "val_bpd", "trial"]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--budget", type=float, default=None, help="wall seconds per search run")
+    ap.add_argument("--ray", action="store_true", help="also measure the Ray executor in the scaling part")
+    args = ap.parse_args()
+    budget = args.budget or (120 if args.quick else 900)
+    steps = 200 if args.quick else 800
+    shutil.rmtree(WORK, ignore_errors=True)
+    curves, rows = {}, []
+    for sampler in ("random", "tpe"):
+        for pruner in ("none", "median"):
+            name = f"{sampler}-{pruner}"
+            res = run(spec(name, sampler, pruner, steps, n_trials=1000), budget)
+            curves[name] = anytime(name, res["t0"])
+            rows.append({"run": name, "wall_s": res["wall"], "finished": res["counts"]["finished"]})
+            print(rows[-1], flush=True)
+    final_best = min(float(c["best"].min()) for c in curves.values() if len(c))
+    for r in rows:
+        c = curves[r["run"]]
+        r["best_val_bpd"] = float(c["best"].min()) if len(c) else float("nan")
+        hit = c[c["best"] <= final_best + 0.02]
+        r["time_to_within_0.02_s"] = float(hit["t"].iloc[0]) if len(hit) else float("nan")
+    scaling = []
+    for workers in (1, 2):
+        name = f"scale-w{workers}"
+        res = run(spec(name, "random", "none", steps, n_trials=1000, workers=workers), budget / 2)
+        scaling.append({"executor": "local", "workers": workers, "finished": res["counts"]["finished"],
+                        "wall_s": res["wall"], "trials_per_hour": 3600 * res["counts"]["finished"] / res["wall"]})
+        print(scaling[-1], flush=True)
+    if args.ray:
+        res = run(spec("scale-ray", "random", "none", steps, n_trials=1000, workers=2), budget / 2,
+                  ["--executor", "ray"])
+        scaling.append({"executor": "ray", "workers": 2, "finished": res["counts"]["finished"], "wall_s": res["wall"],
+                        "trials_per_hour": 3600 * res["counts"]["finished"] / res["wall"]})
+    table = md_table(rows, ["run", "wall_s", "finished", "best_val_bpd", "time_to_within_0.02_s"],
+                     {"wall_s": "{:.0f}", "best_val_bpd": "{:.4f}", "time_to_within_0.02_s": "{:.0f}"})
+    table += f"\n\nFinal best over all runs: {final_best:.4f} bpd; budget {budget:.0f}s per run, {steps} steps per trial.\n\n"
+    table += md_table(scaling, ["executor", "workers", "finished", "wall_s", "trials_per_hour"],
+                      {"wall_s": "{:.0f}", "trials_per_hour": "{:.1f}"})
+    curve_json = {k: v.to_dict(orient="list") for k, v in curves.items()}
+    print(write("search_efficiency", {"rows": rows, "scaling": scaling, "curves": curve_json, "budget_s": budget,
+                                      "steps": steps}, table))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Training-step throughput per process, and the overhead of the process machinery.
+
+For VPSDE, CLD, MALDA and learned K = 1, 2, 3 with the same U-Net, measures (in one run, so
+ratios are comparable on a noisy machine):
+  * a whole training step: ELBO (kernel, Cholesky, t-sampling, terms) + backward + optimizer;
+  * the score network's own forward + backward + optimizer on the same input shape;
+  * their ratio (target: <= 1.05 for learned K = 3 at MNIST size, batch 128).
+
+    python benchmarks/throughput.py --quick     # digits-size only, few repeats
+    python benchmarks/throughput.py             # digits and MNIST size
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from _common import md_table, timeit, write
+
+from mdmsearch.config import parse_run_config
+from mdmsearch.data import DataBundle
+from mdmsearch.training import Trainer
+
+PROCESSES = [("vpsde", {"name": "vpsde"}), ("cld", {"name": "cld"}), ("malda", {"name": "malda"}),
+             ("learned K=1", {"name": "learned", "n_aux": 1}), ("learned K=2", {"name": "learned", "n_aux": 2}),
+             ("learned K=3", {"name": "learned", "n_aux": 3})]
+SIZES = {"digits": ((1, 8, 8), 17, 64, "tiny"), "mnist": ((1, 28, 28), 256, 128, "small")}
+
+
+def fake_bundle(shape, levels, n=512) -> DataBundle:
+    g = torch.Generator().manual_seed(0)
+    pix = torch.randint(0, levels, (n, *shape), generator=g, dtype=torch.int64).to(torch.uint8)
+    return DataBundle(name="bench", shape=tuple(shape), levels=levels, train=pix, val=pix[:64], test=pix[:64])
+
+
+def measure(size: str, proc: dict, repeats: int, device: str) -> dict:
+    shape, levels, batch, net_size = SIZES[size]
+    cfg = parse_run_config({"process": proc, "model": {"name": "unet", "size": net_size},
+                            "optim": {"batch_size": batch}, "train": {"device": device, "progress": False,
+                                                                      "n_samples": 0}})
+    tr = Trainer(cfg, "/tmp/mdmsearch-bench", data=fake_bundle(shape, levels))
+    step = timeit(tr.train_step, repeats)
+    z = torch.randn(batch, tr.process.n, *shape, device=tr.device)
+    t = torch.rand(batch, device=tr.device)
+    opt = torch.optim.Adam(tr.net.parameters(), lr=1e-4)
+
+    def net_only():
+        opt.zero_grad(set_to_none=True)
+        tr.net(z, t).square().mean().backward()
+        opt.step()
+
+    net = timeit(net_only, repeats)
+    return {"size": size, "process": proc.get("name") + (f" K={proc['n_aux']}" if "n_aux" in proc else ""),
+            "batch": batch, "step_s": step, "net_s": net, "steps_per_s": 1.0 / step, "ratio": step / net}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes = ["digits"] if args.quick else ["digits", "mnist"]
+    repeats = 5 if args.quick else 15
+    rows = []
+    for size in sizes:
+        for label, proc in PROCESSES:
+            r = measure(size, proc, repeats if size == "digits" else max(3, repeats // 3), args.device)
+            r["process"] = label
+            rows.append(r)
+            print(f"{size:7s} {label:12s} step {r['step_s'] * 1e3:8.1f} ms  net {r['net_s'] * 1e3:8.1f} ms  "
+                  f"ratio {r['ratio']:.3f}", flush=True)
+    target = [r for r in rows if r["size"] == "mnist" and r["process"] == "learned K=3"]
+    table = md_table(rows, ["size", "process", "batch", "steps_per_s", "step_s", "net_s", "ratio"],
+                     {"steps_per_s": "{:.2f}", "step_s": "{:.4f}", "net_s": "{:.4f}", "ratio": "{:.3f}"})
+    note = ""
+    if target:
+        ok = target[0]["ratio"] <= 1.05
+        note = f"\n\nTarget (learned K=3, MNIST size, batch 128): ratio {target[0]['ratio']:.3f} -> {'met' if ok else 'MISSED'} (<= 1.05)."
+    path = write("throughput", {"rows": rows, "quick": args.quick, "repeats": repeats}, table + note)
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
