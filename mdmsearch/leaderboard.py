@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -20,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import MDMError
+from .training.checkpoint import atomic_write
 
 SCHEMA_VERSION = 1
 
@@ -84,17 +83,7 @@ def _partition(root: Path, dataset: str, study: str) -> Path:
 
 
 def _atomic_parquet(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _clean(v: Any) -> Any:
@@ -165,6 +154,8 @@ def ranked(df, metric: str = "val_bpd"):
         train_seconds=("train_seconds", "mean"), studies=("study", lambda s: ",".join(sorted(set(s)))),
         trials=("trial", lambda s: ",".join(str(int(v)) for v in sorted(s))),
     ).reset_index()
+    agg["steps"] = agg["steps"].astype("Int64")
+    agg["n"] = agg["n"].astype("Int64")
     return agg.sort_values(["dataset", "val_bpd"]).reset_index(drop=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
 
@@ -28,23 +29,26 @@ def register_schedule(name: str):
     return deco
 
 
-class Schedule:
+class Schedule(ABC):
     """beta(t) >= 0 on [0, T]; methods take and return float64 tensors."""
 
     name: str = "base"
 
-    def beta(self, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def beta(self, t: torch.Tensor) -> torch.Tensor:
+        """beta(t)."""
 
-    def integral(self, t: torch.Tensor) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def integral(self, t: torch.Tensor) -> torch.Tensor:
+        """B(t) = int_0^t beta(s) ds."""
 
-    def inverse_integral(self, b: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+    @abstractmethod
+    def inverse_integral(self, b: torch.Tensor) -> torch.Tensor:
         """t such that B(t) = b (used for inverse-CDF time sampling)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def to_dict(self) -> dict:
-        raise NotImplementedError  # pragma: no cover
+        """JSON description (hashed into the structure)."""
 
 
 @register_schedule("linear")

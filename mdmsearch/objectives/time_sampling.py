@@ -7,6 +7,7 @@ by inverse CDF (closed form or a table built once), never by per-batch bisection
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Callable
 
 import torch
@@ -35,7 +36,7 @@ def register_time_sampler(name: str):
     return deco
 
 
-class TimeSampler:
+class TimeSampler(ABC):
     name = "base"
 
     def __init__(self, process: LinearMDM, t_min: float = 1e-3):
@@ -44,8 +45,9 @@ class TimeSampler:
         self.t_min = float(t_min)
         self.T = process.T
 
+    @abstractmethod
     def sample(self, batch: int, *, generator=None, device=None) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError  # pragma: no cover
+        """(t, 1 / p(t)), float64 [batch] each."""
 
     def refresh(self, process: LinearMDM) -> None:
         """Rebuild any table from the current Q, D (no-op for fixed densities)."""

@@ -138,7 +138,12 @@ def _suggest_structure(trial, spec: SearchSpec, hyper: dict, seed: int) -> Trial
     n = n_aux + 1
     d_param = _choice(trial, "d_param", list(s.d_param))
     learn = bool(_choice(trial, "learn", list(s.learn)))
-    if s.per_entry:
+    if n_aux == 0:
+        # one variable: Q = 0 and D = [[d]] whatever the patterns say; suggesting patterns here
+        # would only alias one structure under several names (and "aux" would be invalid)
+        qp, dp = "none", "full"
+        qm, dm = [[0]], [[1]]
+    elif s.per_entry:
         qm = [[0] * n for _ in range(n)]
         for i in range(n):
             for j in range(i + 1, n):
@@ -152,7 +157,7 @@ def _suggest_structure(trial, spec: SearchSpec, hyper: dict, seed: int) -> Trial
                 dm[i][i] = int(trial.suggest_categorical(f"l_{i}{i}", [0, 1]))
         qp, dp = "per-entry", "per-entry"
     else:
-        qp = _choice(trial, "q_pattern", list(s.q_patterns)) if n_aux > 0 else "none"
+        qp = _choice(trial, "q_pattern", list(s.q_patterns))
         dp = _choice(trial, "d_pattern", list(s.d_patterns))
         qm = q_pattern(qp, n).to(torch.int64).tolist()
         dmask = d_pattern(dp, n)

@@ -41,7 +41,7 @@ from ..errors import MDMError
 from .plan import suggest_plan
 from .spec import SearchSpec
 from .study import (FINAL_ATTR, Heartbeat, count_trials, is_stale, make_sampler, make_storage, open_study,
-                    recover_stale, storage_url, study_lock)
+                    pid_alive, recover_stale, retry_trial, storage_url, study_lock)
 
 log = logging.getLogger(__name__)
 
@@ -263,22 +263,12 @@ def _driver_id() -> dict:
     return {"host": socket.gethostname(), "pid": os.getpid()}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _owner_gone(t: optuna.trial.FrozenTrial) -> bool:
     """Nobody runs this RUNNING trial any more: the Ray driver that asked it is dead (its
     actors died with it), or, for other owners, its heartbeat is stale."""
     d = t.user_attrs.get(DRIVER_ATTR)
     if isinstance(d, dict) and d.get("host") == socket.gethostname():
-        return d.get("pid") != os.getpid() and not _pid_alive(int(d.get("pid", 0)))
+        return d.get("pid") != os.getpid() and not pid_alive(int(d.get("pid", 0)))
     return is_stale(t)
 
 
@@ -312,18 +302,7 @@ def _settle(spec: SearchSpec, study: optuna.Study, trial_id: int, number: int) -
 
 
 def _retry(study: optuna.Study, t: optuna.trial.FrozenTrial) -> None:
-    """Fail a dead trial and enqueue a retry that resumes from its checkpoint (the same
-    protocol as :func:`mdmsearch.search.study.recover_stale`)."""
-    storage = study._storage
-    storage.set_trial_user_attr(t._trial_id, "failed_reason", "its Ray driver died; retried from its checkpoint")
-    try:
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-    except RuntimeError:  # finished meanwhile
-        return
-    attrs = {"retry_of": t.number, "artifact_id": t.user_attrs.get("artifact_id", t.number)}
-    if t.user_attrs.get("baseline"):
-        attrs["baseline"] = t.user_attrs["baseline"]
-    study.enqueue_trial(dict(t.params), user_attrs=attrs)
+    retry_trial(study, t, "its Ray driver died; retried from its checkpoint")
 
 
 def _claim_and_recover(spec: SearchSpec, study: optuna.Study, keep: set[int]) -> list[int]:

@@ -196,7 +196,7 @@ class Heartbeat:
         self._thread.join(timeout=2 * HEARTBEAT_SECONDS)
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -217,32 +217,37 @@ def is_stale(trial: optuna.trial.FrozenTrial, now: Optional[float] = None) -> bo
             info = json.loads(hb.read_text())
         except (OSError, ValueError):
             return False  # being rewritten right now
-        if info.get("host") == socket.gethostname() and not _pid_alive(int(info["pid"])):
+        if info.get("host") == socket.gethostname() and not pid_alive(int(info["pid"])):
             return True
         return now - float(info["time"]) > STALE_SECONDS
     started = trial.datetime_start.timestamp() if trial.datetime_start else now
     return now - started > STALE_SECONDS
 
 
+def retry_trial(study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -> bool:
+    """Fail a RUNNING trial whose worker died and enqueue a retry with the same parameters
+    that resumes from its artifact directory's checkpoint.  False if it finished meanwhile."""
+    storage = study._storage
+    storage.set_trial_user_attr(t._trial_id, "failed_reason", reason)
+    try:
+        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    except RuntimeError:  # finished meanwhile by another worker
+        return False
+    attrs = {"retry_of": t.number, "artifact_id": t.user_attrs.get("artifact_id", t.number)}
+    if t.user_attrs.get("baseline"):
+        attrs["baseline"] = t.user_attrs["baseline"]
+    study.enqueue_trial(dict(t.params), user_attrs=attrs)
+    return True
+
+
 def recover_stale(study: optuna.Study) -> list[int]:
     """Fail dead RUNNING trials and enqueue a retry that resumes from their checkpoint.
     Call under :func:`study_lock`."""
     retried = []
-    storage = study._storage
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if not is_stale(t):
-            continue
-        storage.set_trial_user_attr(t._trial_id, "failed_reason", "worker died; retried from its checkpoint")
-        try:
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except RuntimeError:  # finished meanwhile by another worker
-            continue
-        attrs = {"retry_of": t.number, "artifact_id": t.user_attrs.get("artifact_id", t.number)}
-        if t.user_attrs.get("baseline"):
-            attrs["baseline"] = t.user_attrs["baseline"]
-        study.enqueue_trial(dict(t.params), user_attrs=attrs)
-        retried.append(t.number)
-        log.warning("trial %d was left RUNNING by a dead worker: re-queued to resume from its checkpoint", t.number)
+        if is_stale(t) and retry_trial(study, t, "worker died; retried from its checkpoint"):
+            retried.append(t.number)
+            log.warning("trial %d was left RUNNING by a dead worker: re-queued to resume from its checkpoint", t.number)
     return retried
 
 
