@@ -78,7 +78,8 @@ def main() -> None:
         rows += ds_rows
     table = md_table(rows, ["dataset", "process", "test_bpd", "test_std", "n", "val_bpd", "train_seconds", "steps"],
                      {"test_bpd": "{:.4f}", "test_std": "{:.4f}", "val_bpd": "{:.4f}", "train_seconds": "{:.1f}"})
-    print(write("learned_vs_fixed", {"rows": rows, "seeds": seeds, "steps": steps, "verdicts": verdicts},
+    name = "learned_vs_fixed" + ("_" + "_".join(args.datasets) if args.datasets else "")
+    print(write(name, {"rows": rows, "seeds": seeds, "steps": steps, "verdicts": verdicts},
                 table + "\n\n" + "\n".join(verdicts)))
 
 

@@ -160,6 +160,7 @@ def ranked(df, metric: str = "val_bpd"):
 
 
 def _label(row) -> str:
+    hyper = f"lr={row['lr']:g} plr={row['process_lr']:g} gamma={row['gamma']:g} t~{row['time_sampler']}"
     if isinstance(row.get("baseline"), str) and row["baseline"]:
-        return row["baseline"].upper()
-    return f"learned K={int(row['n_aux'])} Q:{row['q_pattern']} D:{row['d_pattern']}/{row['d_param']}"
+        return f"{row['baseline'].upper()} ({hyper})"
+    return f"learned K={int(row['n_aux'])} Q:{row['q_pattern']} D:{row['d_pattern']}/{row['d_param']} ({hyper})"

@@ -37,7 +37,7 @@ def sum_except_batch(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], -1).sum(dim=1)
 
 
-_TAYLOR_DEGREE = 18  # ||X||_1 <= 1/2 after scaling: truncation error < 0.5^19 / 19! ~ 1e-23
+_TAYLOR_DEGREE = 14  # ||X||_1 <= 1/2 after scaling: truncation error < 0.5^15 / 15! ~ 2e-17
 
 
 def _squarings(norm: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ def _squarings(norm: torch.Tensor) -> torch.Tensor:
 
 
 def _taylor(xs: torch.Tensor) -> torch.Tensor:
-    """exp(xs) for ||xs||_1 <= 1/2 by a degree-18 Taylor polynomial (Horner form)."""
+    """exp(xs) for ||xs||_1 <= 1/2 by a degree-14 Taylor polynomial (Horner form)."""
     eye = torch.eye(xs.shape[-1], dtype=xs.dtype, device=xs.device).expand_as(xs)
     out = eye
     for k in range(_TAYLOR_DEGREE, 0, -1):  # I + X (I + X/2 (I + X/3 (... (I + X/k))))

@@ -80,7 +80,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     for t in trials:
         by_state[t.state.name] = by_state.get(t.state.name, 0) + 1
     finished = [t for t in trials if t.state.is_finished() and t.user_attrs.get(FINAL_ATTR)]
-    target = (study.user_attrs.get("spec") or {}).get("n_trials")
+    target = study.user_attrs.get("n_trials")
+    workers = max(1, int(study.user_attrs.get("workers", 1)))
     done_times = [(t.datetime_complete - t.datetime_start).total_seconds() for t in finished
                   if t.datetime_complete and t.datetime_start and t.state == TrialState.COMPLETE]
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
@@ -94,7 +95,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
         mean = sum(done_times) / len(done_times)
         lines.append(f"mean trial time: {mean:.1f}s")
         if target:
-            lines.append(f"ETA for {target} trials with 1 worker: {max(0, target - len(finished)) * mean:.0f}s")
+            left = max(0, target - len(finished))
+            lines.append(f"ETA for {target} finished trials with {workers} worker(s): {left * mean / workers:.0f}s")
     sys.stdout.write("\n".join(lines) + "\n")
     return 0
 

@@ -252,6 +252,8 @@ def _worker_main(spec_json: str, worker: int, allow_spec_change: bool, verbose: 
 def run_local(spec: SearchSpec, *, allow_spec_change: bool = False, verbose: bool = False) -> dict:
     """Run the study with ``spec.workers`` processes on this machine; returns the final counts."""
     study = open_study(spec, allow_spec_change=allow_spec_change)  # validates/creates once, up front
+    study.set_user_attr("n_trials", spec.n_trials)  # for `mdmsearch status` (ETA)
+    study.set_user_attr("workers", spec.workers)
     t0 = time.perf_counter()
     if spec.workers == 1:
         worker_loop(spec, 0, allow_spec_change)
