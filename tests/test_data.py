@@ -406,7 +406,10 @@ def test_save_image_grid_png(tmp_path):
     path = save_image_grid(images, tmp_path / "sub" / "grid.png", nrow=2)
     assert path.read_bytes()[:8] == PNG_SIGNATURE
     with Image.open(path) as im:
-        assert im.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)  # 2x2 grid, padding 2
+        assert im.size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)  # 2x2 grid of 8x8 enlarged 4x, padding 2
+    path = save_image_grid(images, tmp_path / "native.png", nrow=2, min_size=1)
+    with Image.open(path) as im:
+        assert im.size == (2 * 8 + 3 * 2, 2 * 8 + 3 * 2)
     rgb = save_image_grid(torch.rand(5, 3, 32, 32) * 2 - 0.5, tmp_path / "rgb.png")  # clamped
     assert rgb.read_bytes()[:8] == PNG_SIGNATURE
     with pytest.raises(ValueError):

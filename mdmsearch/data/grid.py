@@ -13,11 +13,13 @@ logger = logging.getLogger(__name__)
 
 
 def save_image_grid(
-    images: torch.Tensor, path: str | Path, nrow: int | None = None, *, padding: int = 2
+    images: torch.Tensor, path: str | Path, nrow: int | None = None, *, padding: int = 2, min_size: int = 32
 ) -> Path:
     """Write float images in [0, 1] of shape [N, C, H, W] (C in {1, 3}) as one PNG grid.
 
     ``nrow`` (images per row) defaults to ceil(sqrt(N)); values are clamped to [0, 1].
+    Images smaller than ``min_size`` pixels are enlarged by an integer factor (nearest
+    neighbour, pixels stay sharp) so that 8x8 digits are legible in a report.
     Returns the written path (parent folders are created).
     """
     from torchvision.utils import save_image
@@ -30,6 +32,9 @@ def save_image_grid(
     n = int(images.shape[0])
     nrow = nrow or math.ceil(math.sqrt(n))
     x = images.detach().to("cpu", torch.float32).clamp(0.0, 1.0)  # [N, C, H, W]
+    factor = max(1, math.ceil(min_size / max(1, min(x.shape[-2:]))))
+    if factor > 1:
+        x = torch.nn.functional.interpolate(x, scale_factor=factor, mode="nearest")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(x, str(path), nrow=nrow, padding=padding, format="png")
