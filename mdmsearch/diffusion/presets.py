@@ -154,4 +154,4 @@ def learned(
         with torch.no_grad():
             for p in (*q_mod.parameters(), *d_mod.parameters()):
                 p.add_(init_noise * torch.randn(p.shape, generator=gen, dtype=p.dtype))
-    return LinearMDM(q_mod, d_mod, name=f"learned", d_param=d_param, **common_kwargs(n, common))
+    return LinearMDM(q_mod, d_mod, name="learned", d_param=d_param, **common_kwargs(n, common))

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
-from ..errors import ConfigError, MDMError
+from ..errors import MDMError
 
 
 def add_search_commands(sub) -> None:

@@ -79,6 +79,10 @@ class TrialPlan:
             key["seed"] = self.seed
         return stable_hash(key)
 
+    def structure_hash(self, spec: SearchSpec) -> str:
+        """Hash of the process structure (family, masks, fixed constants), known before training."""
+        return self.run_config(spec).process.build().structure_hash()
+
     def nnz(self) -> tuple[int, int]:
         return int(sum(map(sum, self.q_mask))), int(sum(map(sum, self.d_mask)))
 

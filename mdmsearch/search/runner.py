@@ -9,7 +9,6 @@ import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Callable, Optional
 
 import optuna
@@ -56,6 +55,7 @@ def _base_row(spec: SearchSpec, number: int, plan: TrialPlan, executor: str, sta
         "d_pattern": plan.d_pattern, "d_param": plan.d_param, "learn": plan.learn,
         "q_mask": mask_json(plan.q_mask) if plan.q_mask else None,
         "d_mask": mask_json(plan.d_mask) if plan.d_mask else None, "q_nnz": q_nnz, "d_nnz": d_nnz,
+        "structure_hash": plan.structure_hash(spec),
         "config_hash": plan.config_hash(spec), "config_group": plan.config_hash(spec, with_seed=False),
         "params": _json(plan.params),
         "lr": plan.hyper["lr"], "process_lr": plan.hyper["process_lr"], "gamma": plan.hyper["gamma"],
@@ -151,14 +151,7 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
                 test_bpd=metrics["test_bpd"], best_val_bpd=metrics["best_val_bpd"],
                 prior_kl_per_dim=metrics["prior_kl_per_dim"], steps=metrics["steps"],
                 train_seconds=metrics["train_seconds"], n_params=metrics["n_params"],
-                Q=_json(metrics["Q"]), D=_json(metrics["D"]), structure_hash=_structure_hash(art_dir))
-
-
-def _structure_hash(art_dir: Path) -> Optional[str]:
-    import json
-
-    path = art_dir / "process.json"
-    return json.loads(path.read_text()).get("structure_hash") if path.exists() else None
+                Q=_json(metrics["Q"]), D=_json(metrics["D"]))
 
 
 def _optuna_reporter(trial):

@@ -42,7 +42,7 @@ def evaluate_bpd(
     """
     device = torch.device(device)
     gen = torch.Generator(device=device).manual_seed(int(seed))
-    bpds, priors, kls = [], [], []
+    bpds, kls = [], []
     dim = int(data[0].numel())
     for start in range(0, data.shape[0], batch_size):
         batch = data[start : start + batch_size].to(device)

@@ -267,15 +267,12 @@ class Trainer:
         val = self.evaluate("val")
         test = self.evaluate("test")
         summary = self.process_summary()
-        with self.ema.applied():
-            prior_kl = float(self.process.prior_kl(self.data.val[:256].to(self.device).float()).detach().mean()) / self.data.dim \
-                if self.data.levels is None else val["prior_kl_per_dim"]
         metrics = {
             "dataset": self.data.name, "process": self.process.name, "n_aux": self.process.n_aux,
             "structure_hash": summary["structure_hash"], "steps": self.step, "train_seconds": self.train_seconds,
             "n_params": self.n_params, "val_bpd": val["bpd"], "val_bpd_se": val["bpd_se"], "val_n": val["n"],
             "test_bpd": test["bpd"], "test_bpd_se": test["bpd_se"], "test_n": test["n"],
-            "best_val_bpd": min(self.best_val, val["bpd"]), "prior_kl_per_dim": prior_kl,
+            "best_val_bpd": min(self.best_val, val["bpd"]), "prior_kl_per_dim": val["prior_kl_per_dim"],
             "Q": summary["Q"], "D": summary["D"], "levels": self.data.levels, "dim": self.data.dim,
         }
         atomic_write_json(self.out_dir / "process.json", summary)
