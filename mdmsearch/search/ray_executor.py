@@ -533,13 +533,10 @@ def _restore_tune_checkpoint(art_dir: Path) -> None:
 
 
 def _tell(study: optuna.Study, trial, outcome) -> None:
+    from .runner import tell_outcome
+
     try:
-        if outcome.state in ("COMPLETE", "DUPLICATE"):
-            study.tell(trial, outcome.values)
-        elif outcome.state == "PRUNED":
-            study.tell(trial, state=TrialState.PRUNED)
-        else:
-            study.tell(trial, state=TrialState.FAIL)
+        tell_outcome(study, trial, outcome)
     except (RuntimeError, ValueError) as exc:  # finished meanwhile (e.g. failed by a recovery)
         log.warning("trial %d: could not tell the study: %s", trial.number, exc)
 

@@ -166,7 +166,8 @@ def _optuna_reporter(trial):
 
 
 # ---------------------------------------------------------------------- local executor
-def _tell(study: optuna.Study, trial, outcome: TrialOutcome) -> None:
+def tell_outcome(study: optuna.Study, trial, outcome: TrialOutcome) -> None:
+    """Record a trial's outcome in the study (values for complete/duplicate, else a state)."""
     if outcome.state in ("COMPLETE", "DUPLICATE"):
         study.tell(trial, outcome.values)
     elif outcome.state == "PRUNED":
@@ -202,7 +203,7 @@ def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = Fal
         except Exception:
             study.tell(trial, state=TrialState.FAIL)  # an unexpected bug: not retried, re-raised
             raise
-        _tell(study, trial, outcome)
+        tell_outcome(study, trial, outcome)
         (art_dir / "heartbeat.json").unlink(missing_ok=True)  # told: no longer claimed
         ran += 1
         _log_outcome(worker, outcome)

@@ -71,20 +71,15 @@ class StructureSpace(_Strict):
             raise ValueError(f"n_aux values must be in 0..{MAX_AUX}, got {bad}")
         return sorted(set(v))
 
-    @field_validator("q_patterns")
+    @field_validator("q_patterns", "d_patterns")
     @classmethod
-    def _qp(cls, v):
-        bad = [p for p in v if p not in Q_PATTERNS]
-        if bad or not v:
-            raise ValueError(f"unknown Q pattern(s) {bad}; available: {sorted(Q_PATTERNS)}" if bad else "must not be empty")
-        return v
-
-    @field_validator("d_patterns")
-    @classmethod
-    def _dp(cls, v):
-        bad = [p for p in v if p not in D_PATTERNS]
-        if bad or not v:
-            raise ValueError(f"unknown D pattern(s) {bad}; available: {sorted(D_PATTERNS)}" if bad else "must not be empty")
+    def _patterns(cls, v, info):
+        which, known = ("Q", Q_PATTERNS) if info.field_name == "q_patterns" else ("D", D_PATTERNS)
+        if not v:
+            raise ValueError("must not be empty")
+        bad = [p for p in v if p not in known]
+        if bad:
+            raise ValueError(f"unknown {which} pattern(s) {bad}; available: {sorted(known)}")
         return v
 
 
