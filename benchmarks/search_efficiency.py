@@ -27,7 +27,8 @@ WORK = Path("/tmp/mdmsearch-search-bench")
 
 def spec(study: str, sampler: str, pruner: str, steps: int, n_trials: int, workers: int = 1) -> dict:
     base = yaml.safe_load((ROOT / "search_spaces" / "aux3.yaml").read_text())
-    base.update(study=study, n_trials=n_trials, workers=workers)
+    # no baselines: they would be the first trials of every run and measure nothing about the search
+    base.update(study=study, n_trials=n_trials, workers=workers, baselines=[])
     base["sampler"] = {"name": sampler, "seed": 0, "n_startup_trials": 6}
     base["pruner"] = {"name": pruner, "n_startup_trials": 4, "n_warmup_steps": steps // 4}
     base["budget"].update(steps=steps, eval_every=steps // 4, n_samples=0)
