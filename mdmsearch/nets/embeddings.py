@@ -54,3 +54,11 @@ def prepare_time(t: torch.Tensor | float, batch: int, device: torch.device) -> t
     elif t.shape[0] != batch:
         raise ValueError(f"time has {t.shape[0]} elements, expected 1 or batch size {batch}")
     return t
+
+
+def check_state_shape(net: str, z: torch.Tensor, n_vars: int, data_shape: tuple[int, ...]) -> None:
+    """Raise a clear error unless z is [B, n_vars, *data_shape]."""
+    if tuple(z.shape[1:]) != (n_vars, *data_shape):
+        raise ValueError(
+            f"{net}: expected z of shape [B, {n_vars}, {', '.join(map(str, data_shape))}], got {list(z.shape)}"
+        )

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from mdmsearch.nets.embeddings import prepare_time, sinusoidal_embedding
+from mdmsearch.nets.embeddings import check_state_shape, prepare_time, sinusoidal_embedding
 from mdmsearch.nets.registry import register_network
 
 
@@ -79,11 +79,7 @@ class MLPScoreNet(nn.Module):
 
     def forward(self, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         # z: [B, n, *data_shape]
-        if tuple(z.shape[1:]) != (self.n_vars, *self.data_shape):
-            raise ValueError(
-                f"mlp: expected z of shape [B, {self.n_vars}, {', '.join(map(str, self.data_shape))}], "
-                f"got {list(z.shape)}"
-            )
+        check_state_shape("mlp", z, self.n_vars, self.data_shape)
         batch = z.shape[0]
         t = prepare_time(t, batch, z.device)  # [B]
         # emb: [B, hidden]

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from mdmsearch.nets.embeddings import prepare_time, sinusoidal_embedding
+from mdmsearch.nets.embeddings import check_state_shape, prepare_time, sinusoidal_embedding
 from mdmsearch.nets.registry import register_network
 
 
@@ -233,11 +233,7 @@ class UNetScoreNet(nn.Module):
 
     def forward(self, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         # z: [B, n, C, H, W]
-        if tuple(z.shape[1:]) != (self.n_vars, *self.data_shape):
-            raise ValueError(
-                f"unet: expected z of shape [B, {self.n_vars}, {', '.join(map(str, self.data_shape))}], "
-                f"got {list(z.shape)}"
-            )
+        check_state_shape("unet", z, self.n_vars, self.data_shape)
         batch = z.shape[0]
         t = prepare_time(t, batch, z.device)  # [B]
         # emb: [B, 4 * base_channels]

@@ -186,7 +186,8 @@ if _HAVE_RAY:
             return self._suggest_from_define_by_run_func(self._space, ot_trial)
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
-            pass  # the trial reports its own intermediate values (at the real training step)
+            """Deliberately not forwarded to Optuna (OptunaSearch would report here): the trial
+            reports its own intermediate values at the real training step."""
 
         def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
             # the trial told the study itself; a trial that errored without telling (its worker
