@@ -4,7 +4,10 @@ time to get within 0.02 bpd of the final best (over all four runs).  Also scalin
 trials per hour with 1 vs 2 local workers (and the Ray executor with --ray).
 
     python benchmarks/search_efficiency.py --quick        # ~4 x 2 min
-    python benchmarks/search_efficiency.py --budget 900   # ~4 x 15 min
+    python benchmarks/search_efficiency.py                # full: 4 x 15 min + scaling 2 x 7.5 min
+    python benchmarks/search_efficiency.py --parts scaling --ray   # redo only the scaling part
+
+A part that is not run keeps its results from the existing search_efficiency.json.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from _common import ROOT, md_table, write
+from _common import OUT, ROOT, md_table, write
 
 WORK = Path("/tmp/mdmsearch-search-bench")
 
@@ -66,10 +69,30 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--budget", type=float, default=None, help="wall seconds per search run")
     ap.add_argument("--ray", action="store_true", help="also measure the Ray executor in the scaling part")
+    ap.add_argument("--parts", nargs="*", choices=["search", "scaling"], default=["search", "scaling"])
     args = ap.parse_args()
     budget = args.budget or (120 if args.quick else 900)
     steps = 200 if args.quick else 800
     shutil.rmtree(WORK, ignore_errors=True)
+    name = "search_efficiency" + ("_quick" if args.quick else "")
+    previous = json.loads((OUT / f"{name}.json").read_text()) if (OUT / f"{name}.json").exists() else {}
+    search = run_search(budget, steps) if "search" in args.parts else previous.get("search")
+    scaling = run_scaling(budget, steps, args.ray) if "scaling" in args.parts else previous.get("scaling")
+    if search is None or scaling is None:
+        ap.error(f"the other part has no earlier results in {name}.json: run both parts")
+    rows, final_best = search["rows"], search["final_best"]
+    table = md_table(rows, ["run", "wall_s", "finished", "best_val_bpd", "time_to_within_0.02_s"],
+                     {"wall_s": "{:.0f}", "best_val_bpd": "{:.4f}", "time_to_within_0.02_s": "{:.0f}"})
+    table += (f"\n\nFinal best over all runs: {final_best:.4f} bpd; budget {search['budget_s']:.0f}s per run, "
+              f"{search['steps']} steps per trial, one worker.\n\n")
+    table += md_table(scaling["rows"], ["executor", "workers", "finished", "wall_s", "trials_per_hour"],
+                      {"wall_s": "{:.0f}", "trials_per_hour": "{:.1f}"})
+    table += f"\n\nScaling: random search, budget {scaling['budget_s']:.0f}s per run, {scaling['steps']} steps per trial."
+    print(write(name, {"search": search, "scaling": scaling}, table))
+
+
+def run_search(budget: float, steps: int) -> dict:
+    """Random vs TPE, each without and with median pruning, equal wall budget, one worker."""
     curves, rows = {}, []
     for sampler in ("random", "tpe"):
         for pruner in ("none", "median"):
@@ -84,26 +107,25 @@ def main() -> None:
         r["best_val_bpd"] = float(c["best"].min()) if len(c) else float("nan")
         hit = c[c["best"] <= final_best + 0.02]
         r["time_to_within_0.02_s"] = float(hit["t"].iloc[0]) if len(hit) else float("nan")
-    scaling = []
+    return {"rows": rows, "final_best": final_best, "budget_s": budget, "steps": steps,
+            "curves": {k: v.to_dict(orient="list") for k, v in curves.items()}}
+
+
+def run_scaling(budget: float, steps: int, with_ray: bool) -> dict:
+    """Finished trials per hour: 1 vs 2 local workers (and Ray with 2 workers)."""
+    rows = []
     for workers in (1, 2):
-        name = f"scale-w{workers}"
-        res = run(spec(name, "random", "none", steps, n_trials=1000, workers=workers), budget / 2)
-        scaling.append({"executor": "local", "workers": workers, "finished": res["counts"]["finished"],
-                        "wall_s": res["wall"], "trials_per_hour": 3600 * res["counts"]["finished"] / res["wall"]})
-        print(scaling[-1], flush=True)
-    if args.ray:
+        res = run(spec(f"scale-w{workers}", "random", "none", steps, n_trials=1000, workers=workers), budget / 2)
+        rows.append({"executor": "local", "workers": workers, "finished": res["counts"]["finished"],
+                     "wall_s": res["wall"], "trials_per_hour": 3600 * res["counts"]["finished"] / res["wall"]})
+        print(rows[-1], flush=True)
+    if with_ray:
         res = run(spec("scale-ray", "random", "none", steps, n_trials=1000, workers=2), budget / 2,
                   ["--executor", "ray"])
-        scaling.append({"executor": "ray", "workers": 2, "finished": res["counts"]["finished"], "wall_s": res["wall"],
-                        "trials_per_hour": 3600 * res["counts"]["finished"] / res["wall"]})
-    table = md_table(rows, ["run", "wall_s", "finished", "best_val_bpd", "time_to_within_0.02_s"],
-                     {"wall_s": "{:.0f}", "best_val_bpd": "{:.4f}", "time_to_within_0.02_s": "{:.0f}"})
-    table += f"\n\nFinal best over all runs: {final_best:.4f} bpd; budget {budget:.0f}s per run, {steps} steps per trial.\n\n"
-    table += md_table(scaling, ["executor", "workers", "finished", "wall_s", "trials_per_hour"],
-                      {"wall_s": "{:.0f}", "trials_per_hour": "{:.1f}"})
-    curve_json = {k: v.to_dict(orient="list") for k, v in curves.items()}
-    print(write("search_efficiency", {"rows": rows, "scaling": scaling, "curves": curve_json, "budget_s": budget,
-                                      "steps": steps}, table))
+        rows.append({"executor": "ray", "workers": 2, "finished": res["counts"]["finished"], "wall_s": res["wall"],
+                     "trials_per_hour": 3600 * res["counts"]["finished"] / res["wall"]})
+        print(rows[-1], flush=True)
+    return {"rows": rows, "budget_s": budget / 2, "steps": steps}
 
 
 if __name__ == "__main__":

@@ -87,8 +87,7 @@ def _load_trainer(run_dir: str):
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     trainer = _load_trainer(args.run_dir)
-    trainer.config.train.eval_n_t = args.n_t
-    res = trainer.evaluate(args.split, args.n)
+    res = trainer.evaluate(args.split, args.n, n_t=args.n_t)
     out = {f"{args.split}_bpd": res["bpd"], f"{args.split}_bpd_se": res["bpd_se"], "n": res["n"],
            "step": trainer.step, "n_t": args.n_t}
     if args.ode:
@@ -167,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("--split", choices=["val", "test"], default="test")
     p.add_argument("--n", type=int, default=None, help="examples (default: the whole split)")
-    p.add_argument("--n-t", type=int, default=4, help="time samples per example")
+    p.add_argument("--n-t", type=int, default=32, help="stratified time samples per example")
     p.add_argument("--ode", action="store_true", help="also the probability-flow ODE likelihood (first 64 examples)")
     p.set_defaults(func=_cmd_evaluate)
 

@@ -183,6 +183,43 @@ def test_adaptive_sampling_reduces_variance():
     assert stds["adaptive"] < stds["uniform"] / 1.5 and stds["vp"] < stds["uniform"] / 1.5
 
 
+@pytest.mark.parametrize("scheme", ["uniform", "vp", "adaptive"])
+def test_stratified_time_samples_are_unbiased_and_less_noisy(scheme):
+    """The n strata of p(t) together: E[(1/n) sum_i w f(t_i)] = int f, with less variance than
+    n iid draws, and each stratum's t lies between the matching quantiles of p."""
+    proc = preset("cld")
+    t_min, n, reps = 1e-3, 8, 20000
+    sampler = make_time_sampler(scheme, proc, t_min=t_min)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        strat = sum(w * trace_m_sigma_inv(proc, t) for t, w in
+                    (sampler.sample(reps, generator=gen, stratum=(i, n)) for i in range(n))) / n
+        iid = sum(w * trace_m_sigma_inv(proc, t) for t, w in (sampler.sample(reps, generator=gen) for _ in range(n))) / n
+    se_iid = float(iid.std()) / math.sqrt(reps)
+    assert abs(float(strat.mean()) - float(iid.mean())) < 4 * math.hypot(se_iid, float(strat.std()) / math.sqrt(reps))
+    assert float(strat.std()) < float(iid.std())
+    lo, _ = sampler.sample(2000, generator=gen, stratum=(0, n))
+    hi, _ = sampler.sample(2000, generator=gen, stratum=(n - 1, n))
+    assert float(lo.max()) <= float(hi.min())
+    with pytest.raises(ValueError, match="stratum"):
+        sampler.sample(4, stratum=(n, n))
+
+
+def test_evaluation_with_more_time_samples_is_less_noisy():
+    """elbo_terms(n_t) averages strata per example: same mean, per-example std well below
+    the one-sample std / sqrt(n_t) of iid averaging (measured 0.59x for this process; for CLD
+    and MALDA the noise of eps dominates and stratifying t gains ~5%)."""
+    proc = _oracle_processes()["learned2"]
+    oracle = GaussianOracle(proc, MU, VAR)
+    x = torch.full((4000, 4), X0, dtype=DT)
+    one = elbo(proc, x, oracle, parameterization="score", truncation=False, generator=torch.Generator().manual_seed(1))
+    one, many = one.detach(), elbo(proc, x, oracle, parameterization="score", truncation=False, n_t=16,
+                generator=torch.Generator().manual_seed(2)).detach()
+    se = math.hypot(float(one.std()) / math.sqrt(4000), float(many.std()) / math.sqrt(4000))
+    assert abs(float(one.mean()) - float(many.mean())) < 4 * se
+    assert float(many.std()) < 0.8 * float(one.std()) / math.sqrt(16)
+
+
 @pytest.mark.parametrize("levels", [256, 17, 2])
 def test_bpd_of_uniform_pixels_is_log2_levels(levels):
     """Uniform pixels: the exact density of y = logit(a + (1-2a) x) gives bpd = log2(levels)."""

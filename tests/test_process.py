@@ -266,3 +266,44 @@ def test_register_process_in_a_few_lines():
         assert proc.check().valid and proc.n == 2
     finally:
         PROCESSES.pop("test_fast_cld")
+
+
+@pytest.mark.parametrize("name,k,d_param", [("vpsde", 0, "full"), ("cld", 1, "full"), ("alda", 2, "full"),
+                                            ("malda", 2, "full"), ("malda", 2, "diag")])
+def test_learned_init_from_preset_reproduces_its_kernel(name, k, d_param):
+    ref = preset(name, gamma=0.04)
+    proc = learned(k, init=name, d_param=d_param, gamma=0.04)
+    assert torch.allclose(proc.Q, ref.Q, atol=1e-12)
+    atol = 1e-5 if d_param == "diag" else 1e-12  # diag: softplus floor 1e-6 on zero entries
+    assert torch.allclose(proc.D, ref.D, atol=atol)
+    t = torch.tensor([0.05, 0.5, 1.0], dtype=DT)
+    phi, sig = proc.transition(t)
+    phi_ref, sig_ref = ref.transition(t)
+    assert torch.allclose(phi, phi_ref, atol=1e-5) and torch.allclose(sig, sig_ref, atol=1e-5)
+    # still learnable: gradients reach the free entries
+    (proc.Q.sum() + (proc.D ** 2).sum()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in proc.parameters())
+
+
+def test_learned_init_rejects_mismatches():
+    with pytest.raises(ValueError, match="auxiliary"):
+        learned(2, init="cld")
+    with pytest.raises(ValueError, match="fixed process"):
+        learned(1, init="learned")
+    with pytest.raises(ValueError, match="fixed process"):
+        learned(1, init="nope")
+    with pytest.raises(ValueError, match="q_mask"):
+        learned(2, q_mask="chain", init="malda")  # MALDA couples x and a
+    with pytest.raises(ValueError, match="d_mask"):
+        learned(1, d_mask=[[1, 0], [0, 0]], init="cld")  # CLD's noise enters through v
+
+
+def test_lower_factor_of_singular_psd():
+    from mdmsearch.diffusion.presets import _lower_factor
+
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(4, 2, generator=gen, dtype=DT)
+    d = a @ a.T  # rank 2, not diagonal
+    low = _lower_factor(d)
+    assert torch.equal(low, torch.tril(low)) and bool((torch.diagonal(low) >= 0).all())
+    assert torch.allclose(low @ low.T, d, atol=1e-12)

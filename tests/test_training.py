@@ -142,6 +142,7 @@ def test_cli_train_digits_end_to_end(tmp_path):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"val_bpd", "test_bpd", "Q", "D", "train_seconds"} <= set(metrics)
+    assert (metrics["val_n_t"], metrics["test_n_t"]) == (8, 32)  # stratified t-samples per example
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # resume with a larger budget, then evaluate and sample from the checkpoint
     proc = subprocess.run(cmd + ["--steps", "9", "--resume"],
@@ -151,7 +152,7 @@ def test_cli_train_digits_end_to_end(tmp_path):
     ev = subprocess.run([sys.executable, "-m", "mdmsearch.cli", "evaluate", str(out), "--n", "32", "--n-t", "1"],
                         capture_output=True, text=True, timeout=300)
     assert ev.returncode == 0, ev.stderr
-    assert math.isfinite(json.loads(ev.stdout)["test_bpd"])
+    assert math.isfinite(json.loads(ev.stdout)["test_bpd"]) and json.loads(ev.stdout)["n_t"] == 1
     sm = subprocess.run([sys.executable, "-m", "mdmsearch.cli", "sample", str(out), "--n", "8", "--steps", "10",
                          "--out", str(tmp_path / "s.png")], capture_output=True, text=True, timeout=300)
     assert sm.returncode == 0, sm.stderr

@@ -125,6 +125,7 @@ def learned(
     d_param: str = "full",
     q_init: float = -1.0,
     d_init: float = 1.0,
+    init: str | None = None,
     init_noise: float = 0.0,
     seed: int | None = None,
     **common,
@@ -135,6 +136,10 @@ def learned(
     ``D_PATTERNS``); None means full.  d_param: "full" (D = L L^T) or "diag"
     (D = diag(softplus(d))).  Initialization: U = q_init on free entries (MALDA-like for
     -1), D = d_init on the free diagonal, plus optional Gaussian ``init_noise``.
+    ``init`` names a preset with the same n (e.g. "cld" for K = 1, "malda" for K = 2): Q and D
+    start at its matrices instead (its nonzeros must be free under the masks).  A zero
+    diagonal entry of a full-Cholesky D is a stationary point of D = L L^T (dD_ii/dL_ii =
+    2 L_ii), so e.g. CLD's noiseless x stays noiseless unless ``init_noise`` perturbs it.
     """
     n_aux = int(n_aux)
     if n_aux < 0:
@@ -142,16 +147,58 @@ def learned(
     n = n_aux + 1
     qm = _mask(q_mask, n, q_pattern)
     dm = _mask(d_mask, n, d_pattern)
-    q_mod = SkewParam(n, qm, init=q_init)
-    if d_param == "full":
-        d_mod = CholeskyPSD(n, dm, init=d_init)
-    elif d_param == "diag":
-        d_mod = DiagPSD(n, None if dm is None else torch.diagonal(dm) if dm.dim() == 2 else dm, init=d_init)
-    else:
+    if d_param not in ("full", "diag"):
         raise ValueError(f"d_param must be 'full' or 'diag', got {d_param!r}")
+    if init is not None:
+        q_start, d_start = _preset_start(init, n, qm, dm, d_param, common)
+    else:
+        q_start, d_start = q_init, d_init
+    q_mod = SkewParam(n, qm, init=q_start)
+    if d_param == "full":
+        d_mod = CholeskyPSD(n, dm, init=d_start)
+    else:
+        d_mod = DiagPSD(n, None if dm is None else torch.diagonal(dm) if dm.dim() == 2 else dm, init=d_start)
     if init_noise > 0:
         gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
         with torch.no_grad():
             for p in (*q_mod.parameters(), *d_mod.parameters()):
                 p.add_(init_noise * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return LinearMDM(q_mod, d_mod, name="learned", d_param=d_param, **common_kwargs(n, common))
+
+
+def _lower_factor(d: torch.Tensor) -> torch.Tensor:
+    """A lower-triangular L with L L^T = D for any PSD D (singular too).
+
+    With S = sqrt(D) (symmetric) and S = Q R: D = S^T S = R^T R, so L = R^T; rows are
+    sign-flipped so the diagonal is >= 0.
+    """
+    from .params import psd_sqrt
+
+    _, r = torch.linalg.qr(psd_sqrt(d))
+    sign = torch.where(torch.diagonal(r) < 0, -1.0, 1.0).to(d.dtype)
+    return (sign[:, None] * r).T
+
+
+def _preset_start(name: str, n: int, qm, dm, d_param: str, common: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial U (upper part of Q) and D-parameter of a learned process started at preset ``name``."""
+    if name.lower() == "learned" or name.lower() not in PROCESSES:
+        raise ValueError(f"init must name a fixed process; available: "
+                         f"{[p for p in available_processes() if p != 'learned']}")
+    ref = preset(name, **common)
+    if ref.n != n:
+        raise ValueError(f"init={name!r} has {ref.n - 1} auxiliary variable(s); this process has {n - 1}")
+    q, d = ref.Q.detach(), ref.D.detach()  # [n, n] float64
+    u = torch.triu(q, diagonal=1)
+    if qm is not None and bool(((u != 0) & ~torch.triu(qm | qm.T, diagonal=1)).any()):
+        raise ValueError(f"init={name!r}: Q has nonzero entries outside q_mask")
+    if d_param == "diag":
+        if not torch.equal(d, torch.diag(torch.diagonal(d))):
+            raise ValueError(f"init={name!r}: D is not diagonal, use d_param='full'")
+        free = torch.ones(n, dtype=torch.bool) if dm is None else torch.diagonal(dm) if dm.dim() == 2 else dm
+        if bool(((torch.diagonal(d) != 0) & ~free).any()):
+            raise ValueError(f"init={name!r}: D has nonzero entries outside d_mask")
+        return u, torch.diagonal(d)
+    low = _lower_factor(d)
+    if dm is not None and bool(((low.abs() > 1e-12) & ~torch.tril(dm | dm.T)).any()):
+        raise ValueError(f"init={name!r}: D's Cholesky factor has nonzero entries outside d_mask")
+    return u, low

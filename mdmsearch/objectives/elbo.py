@@ -141,8 +141,9 @@ def elbo_terms(
     sampler = _sampler(process, time_sampler, t_min)
     batch = x.shape[0]
     diff = torch.zeros(batch, dtype=_DT, device=x.device)
-    for _ in range(n_t):
-        t, w = sampler.sample(batch, generator=generator, device=process.s_inf.device)
+    for i in range(n_t):
+        # sample i covers the i-th stratum of p(t): unbiased, much lower variance than iid draws
+        t, w = sampler.sample(batch, generator=generator, device=process.s_inf.device, stratum=(i, n_t))
         diff = diff + diffusion_term_dsm(process, x, model, t, w, parameterization=parameterization, generator=generator)
     trunc = (
         truncation_term(process, x, model, sampler.t_min, parameterization=parameterization, generator=generator)
@@ -190,8 +191,8 @@ def elbo_ism(
     total = torch.zeros(batch, dtype=_DT, device=x.device)
     g = process.D_factor
     keep_graph = torch.is_grad_enabled()  # differentiate through the divergence when training
-    for _ in range(n_t):
-        t, w = sampler.sample(batch, generator=generator, device=process.s_inf.device)
+    for i in range(n_t):
+        t, w = sampler.sample(batch, generator=generator, device=process.s_inf.device, stratum=(i, n_t))
         z, _, kern = process.perturb(x, t, generator=generator)
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)

@@ -54,6 +54,7 @@ class TrialPlan:
             "model": spec.model.model_dump(mode="json"),
             "optim": {"batch_size": b.batch_size, "lr": self.hyper["lr"], "process_lr": self.hyper["process_lr"]},
             "train": {"steps": b.steps, "eval_every": b.eval_every, "eval_examples": b.eval_examples,
+                      "eval_n_t": b.eval_n_t, "test_n_t": b.test_n_t,
                       "time_sampler": self.hyper["time_sampler"], "t_min": b.t_min, "seed": self.seed,
                       "device": b.device, "n_samples": b.n_samples, "sample_steps": b.sample_steps,
                       "progress": False},

@@ -100,6 +100,8 @@ class Budget(_Strict):
     steps: int = Field(400, gt=0)
     eval_every: int = Field(100, gt=0)
     eval_examples: int = Field(270, gt=0)
+    eval_n_t: int = Field(8, gt=0, description="stratified time samples per validation example (the objective's noise)")
+    test_n_t: int = Field(32, gt=0, description="stratified time samples per test example (final evaluation)")
     batch_size: int = Field(64, gt=0)
     t_min: float = Field(1e-3, gt=0, lt=1)
     n_samples: int = Field(64, ge=0)

@@ -127,12 +127,13 @@ class Trainer:
             self.time_sampler.refresh(self.process)
         return loss.item()
 
-    def evaluate(self, split: str = "val", n_examples: Optional[int] = None) -> dict:
+    def evaluate(self, split: str = "val", n_examples: Optional[int] = None, n_t: Optional[int] = None) -> dict:
         tc = self.config.train
+        n_t = tc.eval_n_t if n_t is None else int(n_t)
         data = getattr(self.data, split)
         if n_examples is not None:
             data = data[:n_examples]
-        key = (split, self.step, int(data.shape[0]), tc.eval_n_t)
+        key = (split, self.step, int(data.shape[0]), n_t)
         if self._last_eval is not None and self._last_eval[0] == key:
             return dict(self._last_eval[1])  # same weights, same data, same seed: same numbers
         self.net.eval()
@@ -140,7 +141,7 @@ class Trainer:
             if isinstance(self.eval_sampler, AdaptiveTime):
                 self.eval_sampler.refresh(self.process)
             res = evaluate_bpd(self.process, self.model, data, self.data.levels, time_sampler=self.eval_sampler,
-                               batch_size=tc.eval_batch_size, n_t=tc.eval_n_t, seed=tc.eval_seed, device=self.device)
+                               batch_size=tc.eval_batch_size, n_t=n_t, seed=tc.eval_seed, device=self.device)
         self._last_eval = (key, dict(res))
         return res
 
@@ -265,13 +266,14 @@ class Trainer:
 
         tc = self.config.train
         val = self.evaluate("val")
-        test = self.evaluate("test")
+        test = self.evaluate("test", n_t=tc.test_n_t)
         summary = self.process_summary()
         metrics = {
             "dataset": self.data.name, "process": self.process.name, "n_aux": self.process.n_aux,
             "structure_hash": summary["structure_hash"], "steps": self.step, "train_seconds": self.train_seconds,
             "n_params": self.n_params, "val_bpd": val["bpd"], "val_bpd_se": val["bpd_se"], "val_n": val["n"],
             "test_bpd": test["bpd"], "test_bpd_se": test["bpd_se"], "test_n": test["n"],
+            "val_n_t": tc.eval_n_t, "test_n_t": tc.test_n_t,
             "best_val_bpd": min(self.best_val, val["bpd"]), "prior_kl_per_dim": val["prior_kl_per_dim"],
             "Q": summary["Q"], "D": summary["D"], "levels": self.data.levels, "dim": self.data.dim,
         }
