@@ -53,6 +53,22 @@ class ProcessConfig(_Strict):
             raise ValueError(f"unknown process {v!r}; available: {available_processes()}")
         return v
 
+    @model_validator(mode="after")
+    def _init_matches(self):
+        if self.init is None:
+            return self
+        from .diffusion import available_processes, preset
+
+        fixed = [p for p in available_processes() if p != "learned"]
+        if self.name != "learned":
+            raise ValueError(f"init applies to learned processes only, not {self.name!r}")
+        if self.init.lower() not in fixed:
+            raise ValueError(f"init must be one of {fixed}, got {self.init!r}")
+        k = preset(self.init).n - 1
+        if k != self.n_aux:
+            raise ValueError(f"init={self.init!r} has {k} auxiliary variable(s) but n_aux is {self.n_aux}")
+        return self
+
     def common(self) -> dict[str, Any]:
         out = dict(schedule=self.schedule, beta_0=self.beta_0, beta_1=self.beta_1, gamma=self.gamma,
                    s_x2=self.s_x2, s_v2=self.s_v2, T=self.T)

