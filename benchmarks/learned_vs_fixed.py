@@ -130,7 +130,8 @@ def main() -> None:
             "(equal sizes; for MNIST the 2000 examples outside the 8000 training ones). Same tiny U-Net, "
             f"{steps} steps, batch 64, lr 2e-3, process lr 1e-2, VP-weighted t, seeds {seeds}.")
     name = "learned_vs_fixed" + ("_" + "_".join(args.datasets) if args.datasets else "") + ("_quick" if args.quick else "")
-    print(write(name, {"rows": rows, "seeds": seeds, "steps": steps, "verdicts": lines},
+    print(write(name, {"rows": rows, "seeds": seeds, "steps": steps, "verdicts": lines, "threads_per_run": 1,
+                       "parallel_runs": args.jobs},
                 table + "\n\n" + "\n".join(lines) + "\n\n" + note))
 
 

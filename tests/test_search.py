@@ -191,3 +191,20 @@ def test_changed_spec_is_refused(tmp_path):
     res = _run(tmp_path, path)
     assert res.returncode == 2 and "different search space" in res.stderr
     assert _run(tmp_path, path, "--allow-spec-change").returncode == 0
+
+
+@pytest.mark.parametrize("t_min,valid", [(1e-3, False), (2e-2, True)])
+def test_structure_unfactorizable_at_t_min_is_invalid_before_training(t_min, valid):
+    """Noise entering only at the end of a chain of 3 auxiliaries is controllable, but its
+    covariances near t = 1e-3 are below float64 precision: rejected up front, with the fix."""
+    from mdmsearch.diffusion import d_pattern, q_pattern
+    from mdmsearch.search.plan import TrialPlan
+    from mdmsearch.search.spec import SearchSpec
+
+    spec = SearchSpec.model_validate(dict(TINY, budget=dict(TINY["budget"], t_min=t_min)))
+    masks = [q_pattern("chain", 4).int().tolist(), d_pattern("last", 4).int().tolist()]
+    hyper = {"lr": 2e-3, "process_lr": 1e-2, "gamma": 0.01, "beta_1": 10.0, "time_sampler": "vp"}
+    check = TrialPlan(None, 0, 3, "chain", "last", "full", True, *masks, hyper).check(spec)
+    assert check.valid is valid
+    if not valid:
+        assert "t_min" in check.reason and "not positive definite" in check.reason

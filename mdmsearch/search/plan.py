@@ -13,6 +13,7 @@ from typing import Any, Optional
 import torch
 
 from ..config import RunConfig, parse_run_config
+from ..errors import CholeskyError
 from ..diffusion.structure import StructureCheck, check_matrices, check_structure, d_pattern, q_pattern, stable_hash
 from .spec import FloatRange, SearchSpec
 
@@ -62,13 +63,18 @@ class TrialPlan:
         return parse_run_config(data, f"trial plan for study {spec.study}")
 
     def check(self, spec: SearchSpec) -> StructureCheck:
-        """Validity before any training (math note, section 6)."""
+        """Validity before any training: the structure (math note, section 6), then the
+        initial process's kernels at t_min in float64."""
+        cfg = self.run_config(spec)
         if self.baseline:
-            proc = self.run_config(spec).process.build()
-            return check_matrices(proc.Q, proc.D, proc.s_inf)
-        qm = torch.tensor(self.q_mask, dtype=torch.bool)
-        dm = torch.tensor(self.d_mask, dtype=torch.bool)
-        return check_structure(self.n, qm, dm, self.d_param)
+            proc = cfg.process.build()
+            res = check_matrices(proc.Q, proc.D, proc.s_inf)
+        else:
+            qm = torch.tensor(self.q_mask, dtype=torch.bool)
+            dm = torch.tensor(self.d_mask, dtype=torch.bool)
+            res = check_structure(self.n, qm, dm, self.d_param)
+            proc = cfg.process.build(self.seed) if res.valid else None
+        return res if not res.valid else factorizable_at(proc, cfg.train.t_min)
 
     def config_hash(self, spec: SearchSpec, with_seed: bool = True) -> str:
         """Structure + hyperparameters + budget (+ seed): equal hashes with the seed train
@@ -170,3 +176,21 @@ def _suggest_structure(trial, spec: SearchSpec, hyper: dict, seed: int) -> Trial
             dmask = torch.diag(torch.diagonal(dmask))
         dm = dmask.to(torch.int64).tolist()
     return TrialPlan(None, seed, n_aux, qp, dp, d_param, learn, qm, dm, hyper)
+
+
+def factorizable_at(process, t_min: float) -> StructureCheck:
+    """Whether the transition covariances on [t_min, T] given x (and at t_min given (x, v0),
+    for the truncation term) have a float64 Cholesky factor.  A controllable structure can still fail
+    here: with noise entering only at the end of a chain of K = 3 auxiliaries, the x-variance
+    given (x, v0) is O(B(t)^7), ~1e-28 at t = 1e-3, and the trial would die at its first step."""
+    # a geometric grid over [t_min, T]: near the float64 limit, success at t_min alone is luck
+    t = torch.logspace(math.log10(t_min), math.log10(process.T), 64, dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            process.kernel(t, given="x")  # training and validation times
+            process.kernel(t[:1], given="xv")  # the truncation term
+    except CholeskyError as exc:
+        return StructureCheck(False, f"covariance on [t_min={t_min:g}, T] is not positive definite in float64 for the "
+                                     f"initial Q, D ({str(exc).split(' with Q=')[0]}); raise budget.t_min or free more "
+                                     "entries of D")
+    return StructureCheck(True)
