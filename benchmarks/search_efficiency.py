@@ -61,7 +61,7 @@ def anytime(study: str, t0: float):
     df["t"] = df["finished_at"].map(lambda ts: ts.timestamp()) - t0
     df = df.sort_values("t")
     df["best"] = df["val_bpd"].cummin()
-    return df[["t", "best", "val_bpd", "trial"]]
+    return df[["t", "best", "val_bpd", "trial", "n_aux", "q_pattern", "d_pattern", "process_lr", "gamma", "time_sampler"]]
 
 
 def main() -> None:

@@ -304,3 +304,21 @@ def test_pruner_maps_to_a_tune_scheduler():
     assert type(make_scheduler(parse_spec(dict(TINY, pruner={"name": "none"})))) is FIFOScheduler
     two = parse_spec(dict(TINY, objective={"metric": "val_bpd", "second": "train_seconds"}))
     assert type(make_scheduler(two)) is FIFOScheduler  # Optuna/Tune cannot prune two objectives
+
+
+@needs_ray
+def test_time_budget_stops_asking_new_ray_trials(tmp_path):
+    """--time-budget holds for Ray as for local workers: no new trial after the deadline, the
+    running ones finish and are recorded (50 trials would take minutes)."""
+    ray_tmp = _ray_tmpdir()
+    try:
+        spec = _write(tmp_path / "spec.yaml", dict(TINY, study="tiny-budget", n_trials=50, workers=1, baselines=[]))
+        res = _run(tmp_path, spec, tmp_path / "studies", _env(ray_tmp), "--executor", "ray", "--time-budget", "10")
+        assert res.returncode == 0, res.stderr[-3000:]
+        assert _counts(res)["finished"] < 50
+        trials = _study(tmp_path / "studies", "tiny-budget").trials
+        assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+        assert _wait_no_ray(ray_tmp) == []
+    finally:
+        _kill_ray(ray_tmp)
+        shutil.rmtree(ray_tmp, ignore_errors=True)

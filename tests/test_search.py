@@ -208,3 +208,13 @@ def test_structure_unfactorizable_at_t_min_is_invalid_before_training(t_min, val
     assert check.valid is valid
     if not valid:
         assert "t_min" in check.reason and "not positive definite" in check.reason
+
+
+def test_time_budget_stops_asking_new_trials(tmp_path):
+    """The worker asks its first trial, then none after the deadline; what ran is recorded."""
+    spec = _write(tmp_path, dict(TINY, study="budgeted", n_trials=50, baselines=[]))
+    res = _run(tmp_path, spec, "--time-budget", "1")
+    assert res.returncode == 0, res.stderr[-3000:]
+    finished = json.loads(res.stdout.strip().splitlines()[-1])["finished"]
+    assert 1 <= finished < 50
+    assert len(_board(tmp_path)) == finished

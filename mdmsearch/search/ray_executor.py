@@ -69,6 +69,12 @@ except ImportError:  # pragma: no cover - exercised without Ray installed
 
 _IN_REPORT = threading.Event()  # set while the trial thread waits inside tune.report
 _TARGETS: dict[str, int] = {}  # study -> n_trials of the current run_ray call (a restored searcher has the old one)
+_DEADLINES: dict[str, float] = {}  # study -> time.time() after which no new trial is asked (spec.time_budget_s)
+
+
+def _past_deadline(study: str) -> bool:
+    deadline = _DEADLINES.get(study)
+    return deadline is not None and time.time() >= deadline
 
 
 class _Interrupted(BaseException):
@@ -175,6 +181,9 @@ if _HAVE_RAY:
             with study_lock(spec):
                 counts = count_trials(self._ot_study)
                 if counts["finished"] + counts["running"] >= _TARGETS.get(spec.study, self._mdm_n_trials):
+                    return Searcher.FINISHED
+                if _past_deadline(spec.study):  # like the local workers: running trials finish
+                    log.info("time budget of %.0fs used up: no new trials", spec.time_budget_s or 0)
                     return Searcher.FINISHED
                 ot_trial = self._ot_study.ask()
                 art_id = ot_trial.user_attrs.get("artifact_id", ot_trial.number)
@@ -376,7 +385,7 @@ def _fit(spec: SearchSpec, study: optuna.Study, trainable) -> None:
     ray_dir = spec.study_dir / "ray"
     for _ in range(MAX_ROUNDS):
         before = count_trials(study)
-        if before["finished"] >= spec.n_trials:
+        if before["finished"] >= spec.n_trials or _past_deadline(spec.study):
             return
         k, path = _latest_experiment(ray_dir)
         tuner, keep = None, set()
@@ -407,7 +416,7 @@ def _fit(spec: SearchSpec, study: optuna.Study, trainable) -> None:
                            "re-run the same command to continue")
         (path / DONE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
         after = count_trials(study)
-        if after["finished"] >= spec.n_trials:
+        if after["finished"] >= spec.n_trials or _past_deadline(spec.study):
             return
         if after["finished"] <= before["finished"] and not restored:  # (a restored one may have been done)
             if after["finished"] + after["running"] >= spec.n_trials:
@@ -428,6 +437,10 @@ def run_ray(spec: SearchSpec, address: Optional[str] = None, allow_spec_change: 
     study = open_study(spec, allow_spec_change=allow_spec_change)
     counts = count_trials(study)
     _TARGETS[spec.study] = spec.n_trials
+    if spec.time_budget_s:
+        _DEADLINES[spec.study] = time.time() + spec.time_budget_s
+    else:
+        _DEADLINES.pop(spec.study, None)
     if counts["finished"] < spec.n_trials:
         started = False
         if not ray.is_initialized():
