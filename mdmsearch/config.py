@@ -57,9 +57,9 @@ class ProcessConfig(_Strict):
     def _init_matches(self):
         if self.init is None:
             return self
-        from .diffusion import available_processes, preset
+        from .diffusion.presets import fixed_processes, preset
 
-        fixed = [p for p in available_processes() if p != "learned"]
+        fixed = fixed_processes()
         if self.name != "learned":
             raise ValueError(f"init applies to learned processes only, not {self.name!r}")
         if self.init.lower() not in fixed:

@@ -23,6 +23,7 @@ __all__ = [
     "PROCESSES",
     "register_process",
     "available_processes",
+    "fixed_processes",
     "preset",
     "learned",
     "fixed_process",
@@ -47,6 +48,11 @@ def register_process(name: str):
 
 def available_processes() -> list[str]:
     return sorted(PROCESSES)
+
+
+def fixed_processes() -> list[str]:
+    """The registered processes with fixed Q, D (everything but "learned")."""
+    return [p for p in available_processes() if p != "learned"]
 
 
 def common_kwargs(n: int, kwargs: dict) -> dict:
@@ -157,13 +163,18 @@ def learned(
     if d_param == "full":
         d_mod = CholeskyPSD(n, dm, init=d_start)
     else:
-        d_mod = DiagPSD(n, None if dm is None else torch.diagonal(dm) if dm.dim() == 2 else dm, init=d_start)
+        d_mod = DiagPSD(n, _diag_mask(dm), init=d_start)
     if init_noise > 0:
         gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
         with torch.no_grad():
             for p in (*q_mod.parameters(), *d_mod.parameters()):
                 p.add_(init_noise * torch.randn(p.shape, generator=gen, dtype=p.dtype))
     return LinearMDM(q_mod, d_mod, name="learned", d_param=d_param, **common_kwargs(n, common))
+
+
+def _diag_mask(dm: torch.Tensor | None) -> torch.Tensor | None:
+    """A D mask as the 1-D mask of its diagonal (what a diagonal D can use)."""
+    return None if dm is None else torch.diagonal(dm) if dm.dim() == 2 else dm
 
 
 def _lower_factor(d: torch.Tensor) -> torch.Tensor:
@@ -181,9 +192,8 @@ def _lower_factor(d: torch.Tensor) -> torch.Tensor:
 
 def _preset_start(name: str, n: int, qm, dm, d_param: str, common: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """Initial U (upper part of Q) and D-parameter of a learned process started at preset ``name``."""
-    if name.lower() == "learned" or name.lower() not in PROCESSES:
-        raise ValueError(f"init must name a fixed process; available: "
-                         f"{[p for p in available_processes() if p != 'learned']}")
+    if name.lower() not in fixed_processes():
+        raise ValueError(f"init must name a fixed process; available: {fixed_processes()}")
     ref = preset(name, **common)
     if ref.n != n:
         raise ValueError(f"init={name!r} has {ref.n - 1} auxiliary variable(s); this process has {n - 1}")
@@ -194,7 +204,7 @@ def _preset_start(name: str, n: int, qm, dm, d_param: str, common: dict) -> tupl
     if d_param == "diag":
         if not torch.equal(d, torch.diag(torch.diagonal(d))):
             raise ValueError(f"init={name!r}: D is not diagonal, use d_param='full'")
-        free = torch.ones(n, dtype=torch.bool) if dm is None else torch.diagonal(dm) if dm.dim() == 2 else dm
+        free = torch.ones(n, dtype=torch.bool) if dm is None else _diag_mask(dm)
         if bool(((torch.diagonal(d) != 0) & ~free).any()):
             raise ValueError(f"init={name!r}: D has nonzero entries outside d_mask")
         return u, torch.diagonal(d)
