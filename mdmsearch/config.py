@@ -112,6 +112,11 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = Field("auto", description="'auto' = mlp for vectors, unet for images")
     size: str = "tiny"
+    parameterization: Literal["eps", "mixed"] = Field(
+        "mixed", description="'mixed': eps_hat = exact Gaussian-data noise prediction + network; 'eps': network alone")
+    residual_stats: Literal["pixel", "floored", "global"] = Field(
+        "floored", description="data statistics of the Gaussian part (mixed only): per coordinate, per coordinate "
+                               "with variances floored at 0.1x the global one, or one global mean and variance")
     options: dict[str, Any] = Field(default_factory=dict, description="overrides of the size preset")
 
 

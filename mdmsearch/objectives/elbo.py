@@ -7,7 +7,10 @@
 
 Models are noise predictors ``eps_model(z, t) -> eps_hat`` (``parameterization="eps"``),
 with s = -L_t^{-T} eps_hat, or plain score callables ``score(z, t)``
-(``parameterization="score"``), e.g. an analytic oracle.  z: [B, n, *shape], t: [B].
+(``parameterization="score"``), e.g. an analytic oracle.  A kernel-aware noise predictor
+(``model.kernel_aware``, e.g. the Gaussian-residual :class:`ResidualEps`) is called as
+``model(z, t, kernel)`` with the given-x kernel the ELBO already computed.
+z: [B, n, *shape], t: [B].
 Per-example results are float64 [B] in nats.
 """
 
@@ -20,6 +23,7 @@ import torch
 
 from ..diffusion.ops import apply_matrix, sum_except_batch
 from ..diffusion.process import Kernel, LinearMDM
+from .residual import gaussian_dsm_expectation, is_kernel_aware
 from .time_sampling import TimeSampler, make_time_sampler
 
 __all__ = ["ELBOTerms", "elbo", "elbo_terms", "elbo_ism", "diffusion_term_dsm", "truncation_term", "eps_from_model"]
@@ -48,8 +52,14 @@ def _inv_chol_t(kern: Kernel) -> torch.Tensor:
     return torch.linalg.solve_triangular(kern.chol, eye, upper=False).transpose(-1, -2)
 
 
-def eps_from_model(model: Model, z: torch.Tensor, t: torch.Tensor, inv_lt: torch.Tensor, parameterization: str) -> torch.Tensor:
-    """The model's noise prediction eps_hat; a score model s gives eps_hat = -L^T s."""
+def eps_from_model(model: Model, z: torch.Tensor, t: torch.Tensor, inv_lt: torch.Tensor, parameterization: str,
+                   kernel: Kernel | None = None) -> torch.Tensor:
+    """The model's noise prediction eps_hat; a score model s gives eps_hat = -L^T s.
+    A kernel-aware model gets ``kernel`` (the given-x kernel at t) as its third argument."""
+    if is_kernel_aware(model):
+        if parameterization != "eps" or kernel is None:
+            raise ValueError("a kernel-aware (Gaussian-residual) model predicts eps and needs the given-x kernel")
+        return model(z, t.to(z.dtype), kernel)
     out = model(z, t.to(z.dtype))
     if parameterization == "eps":
         return out
@@ -68,18 +78,31 @@ def diffusion_term_dsm(
     *,
     parameterization: str = "eps",
     generator: torch.Generator | None = None,
+    rao_blackwell: bool = True,
 ) -> torch.Tensor:
     """One-sample estimate of the time integral (denoising form), [B] float64.
 
     |s - grad log q|^2_M = |R (eps_hat - eps)|^2 with R = sqrt(2 beta) G^T L^{-T} (D = G G^T),
     and E|grad log q|^2_M = d tr(M Sigma^{-1}) = d ||R||_F^2, exactly.
+
+    For a Gaussian-residual model (eps_hat = eps_G + r) and ``rao_blackwell``, the square
+    splits into |R(eps_G - eps)|^2 + 2 <R(eps_G - eps), R r> + |R r|^2 and the first part is
+    replaced by its exact expectation over eps given (x, t): unbiased, and only the terms
+    that involve the network are left to Monte Carlo.
     """
     d = x[0].numel()
     z, eps, kern = process.perturb(x, t, generator=generator)  # z, eps: [B, n, *shape]
     inv_lt = _inv_chol_t(kern)  # [B, n, n]
     r = torch.sqrt(2.0 * kern.beta)[:, None, None] * (process.D_factor.T @ inv_lt)  # [B, n, n]
-    eps_hat = eps_from_model(model, z, kern.t, inv_lt, parameterization)
-    dsm = sum_except_batch(apply_matrix(r, eps_hat - eps).pow(2)).to(_DT)  # [B]
+    if rao_blackwell and is_kernel_aware(model) and hasattr(model, "gaussian"):
+        part = model.gaussian(z, kern)
+        r_res = apply_matrix(r, model.net(z, kern.t.to(z.dtype)))  # R r
+        r_gauss = apply_matrix(r, part.eps - eps)  # R (eps_G - eps)
+        mc = sum_except_batch(2.0 * r_gauss * r_res + r_res.pow(2)).to(_DT)
+        dsm = gaussian_dsm_expectation(model.stats, x, part, r) + mc  # [B]
+    else:
+        eps_hat = eps_from_model(model, z, kern.t, inv_lt, parameterization, kern)
+        dsm = sum_except_batch(apply_matrix(r, eps_hat - eps).pow(2)).to(_DT)  # [B]
     tr_m_sigma_inv = r.pow(2).sum(dim=(-1, -2))  # [B]
     integrand = -0.5 * dsm + 0.5 * d * tr_m_sigma_inv + process.div_drift(kern.t, d)
     return weight * integrand
@@ -111,7 +134,7 @@ def truncation_term(
     # the model's score at u uses the given-x kernel it was trained with: s = -L_x^{-T} eps_hat
     kern_x = process.kernel(t[:1], given="x")
     inv_lt_x = _inv_chol_t(kern_x)
-    eps_hat = eps_from_model(model, u, t, inv_lt_x.expand(batch, -1, -1), parameterization)
+    eps_hat = eps_from_model(model, u, t, inv_lt_x.expand(batch, -1, -1), parameterization, kern_x)
     # L_xv^T s = -(L_xv^T L_x^{-T}) eps_hat
     proj = kern_xv.chol[0].T @ inv_lt_x[0]  # [n, n]
     resid = eps - apply_matrix(proj, eps_hat)
@@ -136,15 +159,23 @@ def elbo_terms(
     n_t: int = 1,
     truncation: bool = True,
     generator: torch.Generator | None = None,
+    time_generator: torch.Generator | None = None,
+    rao_blackwell: bool = True,
 ) -> ELBOTerms:
-    """All pieces of the per-example ELBO of x [B, *shape] (nats)."""
+    """All pieces of the per-example ELBO of x [B, *shape] (nats).
+
+    ``time_generator`` (default: ``generator``) draws the times alone, so that evaluations of
+    different processes share their time strata whatever the number of variables (common
+    random numbers); ``rao_blackwell`` see :func:`diffusion_term_dsm`."""
     sampler = _sampler(process, time_sampler, t_min)
     batch = x.shape[0]
     diff = torch.zeros(batch, dtype=_DT, device=x.device)
     for i in range(n_t):
         # sample i covers the i-th stratum of p(t): unbiased, much lower variance than iid draws
-        t, w = sampler.sample(batch, generator=generator, device=process.s_inf.device, stratum=(i, n_t))
-        diff = diff + diffusion_term_dsm(process, x, model, t, w, parameterization=parameterization, generator=generator)
+        t, w = sampler.sample(batch, generator=time_generator or generator, device=process.s_inf.device,
+                              stratum=(i, n_t))
+        diff = diff + diffusion_term_dsm(process, x, model, t, w, parameterization=parameterization, generator=generator,
+                                         rao_blackwell=rao_blackwell)
     trunc = (
         truncation_term(process, x, model, sampler.t_min, parameterization=parameterization, generator=generator)
         if truncation
@@ -197,7 +228,7 @@ def elbo_ism(
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             inv_lt = _inv_chol_t(kern)
-            eps_hat = eps_from_model(model, z, kern.t, inv_lt, parameterization)
+            eps_hat = eps_from_model(model, z, kern.t, inv_lt, parameterization, kern)
             score = -apply_matrix(inv_lt, eps_hat)  # s = -L^{-T} eps_hat
             m_score = apply_matrix(2.0 * kern.beta[:, None, None] * (g @ g.T), score)  # M s
             probe = torch.randint(0, 2, z.shape, generator=generator, device=z.device).to(z.dtype) * 2 - 1

@@ -17,7 +17,8 @@ from typing import Callable
 import torch
 
 from ..diffusion.ops import apply_matrix
-from ..diffusion.process import LinearMDM
+from ..diffusion.process import Kernel, LinearMDM
+from ..objectives.residual import is_kernel_aware
 
 __all__ = ["Score", "PARAMETERIZATIONS", "score_fn", "inv_chol_t"]
 
@@ -26,18 +27,23 @@ Score = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 PARAMETERIZATIONS = ("eps", "score")
 
 
-def inv_chol_t(process: LinearMDM, t: torch.Tensor) -> torch.Tensor:
-    """L_t^{-T} of the given-x kernel at times t [B] -> [B, n, n] float64.
-
-    When all times are equal (the usual case inside a sampler) the kernel is computed once
-    and expanded, so a step costs one n x n factorization, not B of them.
-    """
+def _kernel(process: LinearMDM, t: torch.Tensor) -> Kernel:
+    """The given-x kernel at times t [B]; when all times are equal (the usual case inside a
+    sampler) it is computed once, batch 1, so a step costs one n x n factorization, not B."""
     t = torch.as_tensor(t, dtype=_DT, device=process.s_inf.device).reshape(-1)  # [B]
     same = t.numel() > 1 and bool((t == t[0]).all())
-    chol = process.kernel(t[:1] if same else t, given="x").chol  # [1 or B, n, n]
+    return process.kernel(t[:1] if same else t, given="x")
+
+
+def _inv_lt(chol: torch.Tensor) -> torch.Tensor:
     eye = torch.eye(chol.shape[-1], dtype=_DT, device=chol.device).expand_as(chol)
-    inv_lt = torch.linalg.solve_triangular(chol, eye, upper=False).transpose(-1, -2)  # L^{-T}
-    return inv_lt.expand(t.numel(), -1, -1) if same else inv_lt
+    return torch.linalg.solve_triangular(chol, eye, upper=False).transpose(-1, -2)  # L^{-T}
+
+
+def inv_chol_t(process: LinearMDM, t: torch.Tensor) -> torch.Tensor:
+    """L_t^{-T} of the given-x kernel at times t [B] -> [B, n, n] float64."""
+    n_t = torch.as_tensor(t).reshape(-1).numel()
+    return _inv_lt(_kernel(process, t).chol).expand(n_t, -1, -1)
 
 
 def score_fn(process: LinearMDM, model: Callable, parameterization: str = "eps") -> Score:
@@ -46,7 +52,9 @@ def score_fn(process: LinearMDM, model: Callable, parameterization: str = "eps")
     parameterization="eps": s = -L_t^{-T} eps_hat, with L_t from ``process.kernel(t,
     given="x").chol`` (float64, cast to z's dtype once per call);
     parameterization="score": the model's output is the score itself.
-    The model is called as ``model(z, t)`` with t [B] in z's dtype and device.
+    The model is called as ``model(z, t)`` with t [B] in z's dtype and device; a kernel-aware
+    model (the Gaussian residual) as ``model(z, t, kernel)`` with the given-x kernel, computed
+    once per call and used for both its Gaussian part and L_t.
     """
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
@@ -55,6 +63,11 @@ def score_fn(process: LinearMDM, model: Callable, parameterization: str = "eps")
         t = torch.as_tensor(t, device=z.device).reshape(-1)
         if t.numel() == 1 and z.shape[0] != 1:
             t = t.expand(z.shape[0])
+        if is_kernel_aware(model):
+            kern = _kernel(process, t)
+            out = model(z, t.to(z.dtype), kern)  # eps_hat, [B, n, *shape]
+            inv_lt = _inv_lt(kern.chol).expand(z.shape[0], -1, -1)
+            return -apply_matrix(inv_lt.to(dtype=z.dtype, device=z.device), out)
         out = model(z, t.to(z.dtype))  # [B, n, *shape]
         if parameterization == "score":
             return out

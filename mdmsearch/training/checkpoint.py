@@ -55,3 +55,8 @@ def save_checkpoint(path: str | Path, state: dict) -> None:
 
 def load_checkpoint(path: str | Path, map_location=None) -> dict:
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def write_parquet_atomic(frame, path: str | Path) -> None:
+    """A pandas DataFrame as a Parquet file (pyarrow), atomically."""
+    atomic_write(path, lambda tmp: frame.to_parquet(tmp, engine="pyarrow", index=False))

@@ -27,15 +27,18 @@ from ..diffusion.process import LinearMDM
 from ..errors import ConfigError, NonFiniteLossError
 from ..nets import build_network, count_parameters
 from ..objectives import elbo, make_time_sampler
+from ..objectives.residual import GaussianStats, ResidualEps, residual_stats
 from ..objectives.time_sampling import AdaptiveTime
-from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint, write_parquet_atomic
 from .ema import EMA
-from .evaluate import evaluate_bpd, prepare_batch
+from .evaluate import data_moments, evaluate_bpd, prepare_batch
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[int, dict], None]
 CHECKPOINT = "checkpoint.pt"
+RESIDUAL_STATS_FILE = "residual_stats.json"  # mu, s2 of the Gaussian part (mixed parameterization)
+PER_EXAMPLE_FILE = "per_example.parquet"  # per-example val/test BPD for paired comparisons
 
 
 def resolve_device(name: str) -> torch.device:
@@ -67,6 +70,10 @@ class Trainer:
         self.net = build_network(network_name(config, self.data.shape), n_vars=self.process.n,
                                  data_shape=tuple(self.data.shape), size=config.model.size,
                                  **config.model.options).to(self.device)
+        # the noise predictor the ELBO, evaluation and samplers see: the network, or the exact
+        # Gaussian-data prediction plus the network (statistics of the training split, fixed)
+        self.model = (ResidualEps(self.net, self._residual_stats()).to(self.device)
+                      if config.model.parameterization == "mixed" else self.net)
         self.train_x = self.data.train.to(self.device)
         self.time_sampler = make_time_sampler(tc.time_sampler, self.process, t_min=tc.t_min)
         self.eval_sampler = make_time_sampler("adaptive" if tc.time_sampler == "adaptive" else "vp",
@@ -92,8 +99,17 @@ class Trainer:
         self.running_loss: Optional[float] = None
 
     # ------------------------------------------------------------------ pieces
-    def model(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.net(z, t)
+    def _residual_stats(self) -> GaussianStats:
+        """mu, s2 per coordinate of the training split in model space (dequantized with a fixed
+        seed, logit-transformed), reduced to ``model.residual_stats``."""
+        gen = torch.Generator().manual_seed(self.config.train.seed + 3)
+        mean, var = data_moments(self.data.train, self.data.levels, gen)
+        return GaussianStats(*residual_stats(mean, var, self.config.model.residual_stats),
+                             kind=self.config.model.residual_stats)
+
+    @property
+    def residual(self) -> Optional[GaussianStats]:
+        return self.model.stats if isinstance(self.model, ResidualEps) else None
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Negative ELBO in nats per dimension without the truncation term at t_min: that term
@@ -142,7 +158,8 @@ class Trainer:
             if isinstance(self.eval_sampler, AdaptiveTime):
                 self.eval_sampler.refresh(self.process)
             res = evaluate_bpd(self.process, self.model, data, self.data.levels, time_sampler=self.eval_sampler,
-                               batch_size=tc.eval_batch_size, n_t=n_t, seed=tc.eval_seed, device=self.device)
+                               batch_size=tc.eval_batch_size, n_t=n_t, seed=tc.eval_seed, device=self.device,
+                               return_all=True)
         self._last_eval = (key, dict(res))
         return res
 
@@ -157,6 +174,8 @@ class Trainer:
             "best_val": self.best_val,
             "running_loss": self.running_loss,
             "net": self.net.state_dict(),
+            "parameterization": self.config.model.parameterization,
+            "residual_stats": self.residual.state_dict() if self.residual is not None else None,
             "process": self.process.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -168,7 +187,16 @@ class Trainer:
                              if isinstance(ts, AdaptiveTime) else None),
         }
 
+    def _check_parameterization(self, state: dict) -> None:
+        saved = state.get("parameterization", "eps")  # checkpoints before the residual were eps
+        if saved != self.config.model.parameterization:
+            raise ConfigError(f"checkpoint was written with model.parameterization={saved!r}, but this run uses "
+                              f"{self.config.model.parameterization!r}; the network outputs mean different things")
+
     def load_state_dict(self, state: dict) -> None:
+        self._check_parameterization(state)
+        if self.residual is not None:
+            self.residual.load_state_dict(state["residual_stats"])  # the statistics trained with, not recomputed
         self.step = state["step"]
         self.train_seconds = state["train_seconds"]
         self.history = state["history"]
@@ -196,6 +224,7 @@ class Trainer:
         if not path.exists():
             return False
         state = load_checkpoint(path, map_location=self.device)
+        self._check_parameterization(state)
         saved = dict(state["config"])
         current = self.config.model_dump(mode="json")
         # the budget may grow on resume; everything else must match
@@ -214,6 +243,8 @@ class Trainer:
         atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
         if resume:
             self.try_resume()
+        if self.residual is not None:
+            atomic_write_json(self.out_dir / RESIDUAL_STATS_FILE, self.residual.to_dict())
         if self.step == 0:
             log.info("process %s (n=%d, %s), network %d params, dataset %s %s", self.process.name, self.process.n,
                      "learned" if self.process_params else "fixed", self.n_params, self.data.name, self.data.shape)
@@ -268,6 +299,7 @@ class Trainer:
         tc = self.config.train
         val = self.evaluate("val")
         test = self.evaluate("test", n_t=tc.test_n_t)
+        self._write_per_example(val, test)
         summary = self.process_summary()
         metrics = {
             "dataset": self.data.name, "process": self.process.name, "n_aux": self.process.n_aux,
@@ -286,6 +318,17 @@ class Trainer:
         atomic_write_json(self.out_dir / "metrics.json", metrics)
         log.info("done: val_bpd %.4f test_bpd %.4f (%d steps, %.1fs)", val["bpd"], test["bpd"], self.step, self.train_seconds)
         return metrics
+
+    def _write_per_example(self, val: dict, test: dict) -> None:
+        """Per-example BPD of the final evaluations (same examples and evaluation seed in every
+        run on this data: paired comparisons between runs come from these files)."""
+        import pandas as pd
+
+        frames = [pd.DataFrame({"split": split, "index": range(len(res["per_example"])),
+                                "bpd": res["per_example"].numpy(), "n_t": n_t})
+                  for split, res, n_t in (("val", val, self.config.train.eval_n_t),
+                                          ("test", test, self.config.train.test_n_t))]
+        write_parquet_atomic(pd.concat(frames, ignore_index=True), self.out_dir / PER_EXAMPLE_FILE)
 
     def write_samples(self, n: int) -> str:
         from ..sampling import sample, to_images
