@@ -1,14 +1,17 @@
-"""Learned vs fixed diffusions at CPU scale (the paper's claim, small).
+"""Learned vs fixed diffusions at CPU scale (the paper's claim, small), per parameterization.
 
-Trains VPSDE, CLD, ALDA, MALDA and learned K = 1, 2, 3 with the same network and step budget,
-several seeds each, on sklearn digits and on the MNIST 10k test split in ../shared/data/mnist
-(fixed seeded split: train 8000, evaluate on the other 2000 = validation 1000 + test 1000),
-and reports test BPD mean ± std and whether a learned process beats the best fixed one.
-Two more learned rows start Q and D at a preset (K = 1 at CLD, K = 2 at MALDA) and are
-compared with that preset seed by seed: does learning improve on a good starting process?
+Trains VPSDE, CLD, ALDA, MALDA and learned K = 0..3 with the same network and step budget,
+several seeds each and each noise-predictor variant (eps, and the Gaussian residual with
+per-pixel, floored or global statistics), on sklearn digits and on an MNIST split (a folder
+with the official test split, e.g. ../shared/data/mnist: train 8000, held out the other
+2000 = validation 1000 + test 1000).  Every run is evaluated on the same held-out examples
+with the same evaluation seed, so entries are compared paired by seed and example, with a
+paired standard error and a verdict (better / worse / tie within noise).  Optional rows
+start Q and D at a preset (K = 1 at CLD, K = 2 at MALDA).
 
     python benchmarks/learned_vs_fixed.py --quick                         # digits, 1 seed, short
-    python benchmarks/learned_vs_fixed.py --datasets digits               # 2000 steps, 3 seeds
+    python benchmarks/learned_vs_fixed.py --datasets digits --jobs 2      # 2000 steps, 3 seeds
+    python benchmarks/learned_vs_fixed.py --datasets digits --variants eps mixed-floored
     python benchmarks/learned_vs_fixed.py --datasets mnist --jobs 2       # 600 steps, 3 seeds
     python benchmarks/learned_vs_fixed.py --datasets mnist --steps 20000  # on a GPU
 """
@@ -29,14 +32,23 @@ PROCESSES = {
     "CLD": {"name": "cld"},
     "ALDA": {"name": "alda"},
     "MALDA": {"name": "malda"},
+    "learned K=0": {"name": "learned", "n_aux": 0},
     "learned K=1": {"name": "learned", "n_aux": 1},
     "learned K=2": {"name": "learned", "n_aux": 2},
     "learned K=3": {"name": "learned", "n_aux": 3},
     "learned K=1 (CLD init)": {"name": "learned", "n_aux": 1, "init": "cld"},
     "learned K=2 (MALDA init)": {"name": "learned", "n_aux": 2, "init": "malda"},
 }
-# learned-from-preset rows and the preset they are paired with
+DEFAULT_PROCESSES = [lab for lab in PROCESSES if "init" not in lab]
+# parameterizations of the noise predictor (model.parameterization / model.residual_stats)
+VARIANTS = {
+    "eps": {"parameterization": "eps"},
+    "mixed-pixel": {"parameterization": "mixed", "residual_stats": "pixel"},
+    "mixed-floored": {"parameterization": "mixed", "residual_stats": "floored"},
+    "mixed-global": {"parameterization": "mixed", "residual_stats": "global"},
+}
 FULL_STEPS = {"digits": 2000, "mnist": 600}
+# learned-from-preset rows and the preset they are paired with
 PAIRED = {"learned K=1 (CLD init)": "CLD", "learned K=2 (MALDA init)": "MALDA"}
 
 
@@ -47,52 +59,94 @@ def data_cfg(name: str) -> dict:
     return {"name": name}
 
 
-def run_one(dataset: str, proc: dict, seed: int, steps: int, out: str) -> dict:
-    """One training run (in a worker process: one torch thread)."""
+def run_one(dataset: str, proc: dict, variant: dict, seed: int, steps: int, n_t: int, out: str) -> dict:
+    """One training run (in a worker process: one torch thread); a finished run in ``out`` is
+    read back instead of trained again, so an interrupted benchmark continues."""
+    import json
+
+    import pandas as pd
     import torch
 
     from mdmsearch.config import parse_run_config
     from mdmsearch.training import Trainer
+    from mdmsearch.training.trainer import PER_EXAMPLE_FILE
 
     torch.set_num_threads(1)
-    cfg = parse_run_config({
-        "process": proc, "data": data_cfg(dataset), "model": {"name": "unet", "size": "tiny"},
-        "optim": {"batch_size": 64, "lr": 2e-3, "process_lr": 1e-2},
-        "train": {"steps": steps, "eval_every": steps, "eval_examples": 1000, "seed": seed, "n_samples": 0,
-                  "progress": False, "time_sampler": "vp"},
-    })
-    m = Trainer(cfg, Path(out)).fit()
-    return {k: m[k] for k in ("val_bpd", "test_bpd", "train_seconds", "Q", "D")}
+    out = Path(out)
+    if not ((out / "metrics.json").is_file() and (out / PER_EXAMPLE_FILE).is_file()):
+        cfg = parse_run_config({
+            "process": proc, "data": data_cfg(dataset), "model": {"name": "unet", "size": "tiny", **variant},
+            "optim": {"batch_size": 64, "lr": 2e-3, "process_lr": 1e-2},
+            # the same n_t for val and test: their union is one held-out set evaluated alike
+            "train": {"steps": steps, "eval_every": steps, "eval_examples": 1000, "seed": seed, "n_samples": 0,
+                      "progress": False, "time_sampler": "vp", "eval_n_t": n_t, "test_n_t": n_t},
+        })
+        Trainer(cfg, out).fit()
+    m = json.loads((out / "metrics.json").read_text())
+    per = pd.read_parquet(out / PER_EXAMPLE_FILE).sort_values(["split", "index"], ascending=[False, True])
+    return {**{k: m[k] for k in ("val_bpd", "test_bpd", "train_seconds", "Q", "D")},
+            "heldout": per["bpd"].tolist()}  # val then test, in example order
 
 
-def summarize(ds: str, label: str, runs: list[dict], steps: int) -> dict:
+def paired(a_runs: list[dict], b_runs: list[dict]) -> dict:
+    """a minus b, paired by seed and held-out example.  se_eval: evaluation noise of the trained
+    models only (per-seed example-paired SEs pooled); se_seed: spread of the per-seed mean
+    differences over seeds (training noise included); se = the larger."""
+    per_seed, se_eval2 = [], 0.0
+    for a, b in zip(a_runs, b_runs):
+        diff = [x - y for x, y in zip(a["heldout"], b["heldout"])]
+        per_seed.append(statistics.mean(diff))
+        se_eval2 += statistics.variance(diff) / len(diff)
+    s = len(per_seed)
+    se_eval = se_eval2 ** 0.5 / s
+    se_seed = statistics.stdev(per_seed) / s ** 0.5 if s > 1 else float("nan")
+    se = max(se_eval, se_seed) if s > 1 else se_eval
+    diff = statistics.mean(per_seed)
+    return {"diff": diff, "se": se, "se_eval": se_eval, "se_seed": se_seed, "per_seed": per_seed,
+            "verdict": verdict(diff, se)}
+
+
+def verdict(diff: float, se: float) -> str:
+    """BPD difference a - b: 'better' (a lower) / 'worse' beyond 2 paired SE, else a tie."""
+    if abs(diff) <= 2 * se:
+        return "tie within noise"
+    return "better" if diff < 0 else "worse"
+
+
+def summarize(ds: str, label: str, variant: str, runs: list[dict], steps: int) -> dict:
     test = [r["test_bpd"] for r in runs]
-    return {"dataset": ds, "process": label, "test_bpd": statistics.mean(test),
-            "test_std": statistics.stdev(test) if len(test) > 1 else float("nan"), "n": len(test),
-            # val and test have the same size: their mean is the BPD of all held-out examples
-            "heldout_bpd": statistics.mean((r["val_bpd"] + r["test_bpd"]) / 2 for r in runs),
+    held = [statistics.mean(r["heldout"]) for r in runs]
+    return {"dataset": ds, "process": label, "variant": variant, "test_bpd": statistics.mean(test),
+            "heldout_bpd": statistics.mean(held), "heldout_std": statistics.stdev(held) if len(held) > 1 else float("nan"),
+            "n": len(runs), "n_heldout": len(runs[0]["heldout"]),
             "train_seconds": statistics.mean(r["train_seconds"] for r in runs), "steps": steps,
-            "per_seed_test_bpd": test, "Q_seed0": runs[0]["Q"], "D_seed0": runs[0]["D"]}
+            "per_seed_heldout_bpd": held, "Q_seed0": runs[0]["Q"], "D_seed0": runs[0]["D"]}
 
 
-def verdicts(ds: str, rows: list[dict]) -> list[str]:
-    by = {r["process"]: r for r in rows}
-    out = []
-    fixed = [r for r in rows if not r["process"].startswith("learned")]
-    learned = [r for r in rows if r["process"].startswith("learned")]
+def comparisons(ds: str, labels: list[str], variants: list[str], res: dict) -> tuple[list[dict], list[str]]:
+    """Each entry vs its own eps run and vs the best fixed eps entry; the headline verdicts."""
+    rows, lines = [], []
+    mean = {key: statistics.mean(statistics.mean(r["heldout"]) for r in runs) for key, runs in res.items()}
+    fixed = [k for k in res if not k[0].startswith("learned")]
+    learned = [k for k in res if k[0].startswith("learned")]
+    for lab in labels:
+        for var in variants:
+            if var != "eps" and "eps" in variants:
+                c = paired(res[(lab, var)], res[(lab, "eps")])
+                rows.append({"dataset": ds, "entry": f"{lab} [{var}]", "minus": f"{lab} [eps]", **c})
     if fixed and learned:
-        bf, bl = min(fixed, key=lambda r: r["test_bpd"]), min(learned, key=lambda r: r["test_bpd"])
-        margin = bf["test_bpd"] - bl["test_bpd"]
-        out.append(f"- {ds}: best learned {bl['process']} {bl['test_bpd']:.4f} vs best fixed {bf['process']} "
-                   f"{bf['test_bpd']:.4f}: learned {'beats' if margin > 0 else 'does not beat'} fixed "
-                   f"({margin:+.4f} bpd)")
+        bf, bl = min(fixed, key=mean.get), min(learned, key=mean.get)
+        c = paired(res[bl], res[bf])
+        rows.append({"dataset": ds, "entry": f"{bl[0]} [{bl[1]}]", "minus": f"{bf[0]} [{bf[1]}]", **c})
+        lines.append(f"- {ds}: best learned {bl[0]} [{bl[1]}] {mean[bl]:.4f} vs best fixed {bf[0]} [{bf[1]}] "
+                     f"{mean[bf]:.4f}: {c['diff']:+.4f} ± {c['se']:.4f} bpd (paired SE) -> learned is "
+                     f"**{c['verdict']}**" + (" than the best fixed process" if c["verdict"] != "tie within noise" else ""))
     for lab, ref in PAIRED.items():
-        if lab in by and ref in by:
-            diffs = [a - b for a, b in zip(by[lab]["per_seed_test_bpd"], by[ref]["per_seed_test_bpd"])]
-            sd = statistics.stdev(diffs) if len(diffs) > 1 else float("nan")
-            out.append(f"- {ds}: {lab} minus {ref}, paired by seed: {statistics.mean(diffs):+.4f} ± {sd:.4f} bpd "
-                       f"({'learning improves' if max(diffs) < 0 else 'no consistent gain'} over its start)")
-    return out
+        for var in variants:
+            if (lab, var) in res and (ref, var) in res:
+                c = paired(res[(lab, var)], res[(ref, var)])
+                rows.append({"dataset": ds, "entry": f"{lab} [{var}]", "minus": f"{ref} [{var}]", **c})
+    return rows, lines
 
 
 def main() -> None:
@@ -100,43 +154,56 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--datasets", nargs="*", default=None)
     ap.add_argument("--processes", nargs="*", default=None, help=f"subset of {list(PROCESSES)}")
+    ap.add_argument("--variants", nargs="*", default=None, help=f"subset of {list(VARIANTS)} (default: all)")
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--n-t", type=int, default=32, help="stratified time samples per held-out example")
     ap.add_argument("--jobs", type=int, default=1, help="training runs in parallel (one CPU thread each)")
-    ap.add_argument("--workdir", default="/tmp/mdmsearch-lvf")
+    ap.add_argument("--workdir", default="/tmp/mdmsearch-lvf", help="finished runs here are reused")
+    ap.add_argument("--name", default=None, help="output name (default from the datasets)")
     args = ap.parse_args()
     datasets = args.datasets or (["digits"] if args.quick else ["digits", "mnist"])
-    labels = args.processes or list(PROCESSES)
-    unknown = [lab for lab in labels if lab not in PROCESSES]
-    if unknown:
-        ap.error(f"unknown process label(s) {unknown}; available: {list(PROCESSES)}")
+    labels = args.processes or DEFAULT_PROCESSES
+    variants = args.variants or list(VARIANTS)
+    for given, known, what in ((labels, PROCESSES, "process label"), (variants, VARIANTS, "variant")):
+        unknown = [v for v in given if v not in known]
+        if unknown:
+            ap.error(f"unknown {what}(s) {unknown}; available: {list(known)}")
     # full mode on CPU: an MNIST step costs ~5x a digits step (2000 digits steps ~ 65 s, 600 MNIST ~ 100 s
     # per run at one thread); on a GPU pass --steps for converged models
     steps_for = {ds: args.steps or (300 if args.quick else FULL_STEPS.get(ds, 2000)) for ds in datasets}
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    jobs = [(ds, lab, s) for ds in datasets for lab in labels for s in seeds]
+    jobs = [(ds, lab, var, s) for ds in datasets for s in seeds for var in variants for lab in labels]
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = {job: pool.submit(run_one, job[0], PROCESSES[job[1]], job[2], steps_for[job[0]],
-                                    str(Path(args.workdir) / job[0] / job[1].replace(" ", "_") / str(job[2])))
+        futures = {job: pool.submit(run_one, job[0], PROCESSES[job[1]], VARIANTS[job[2]], job[3], steps_for[job[0]],
+                                    args.n_t, str(Path(args.workdir) / job[0] / job[1].replace(" ", "_") / job[2]
+                                                  / f"{steps_for[job[0]]}-{job[3]}"))
                    for job in jobs}
         results = {job: f.result() for job, f in futures.items()}
-    rows, lines = [], []
+    rows, comps, lines = [], [], []
     for ds in datasets:
-        ds_rows = [summarize(ds, lab, [results[(ds, lab, s)] for s in seeds], steps_for[ds]) for lab in labels]
-        for r in ds_rows:
-            print({k: r[k] for k in ("dataset", "process", "test_bpd", "test_std")}, flush=True)
-        rows += ds_rows
-        lines += verdicts(ds, ds_rows)
-    table = md_table(rows, ["dataset", "process", "test_bpd", "test_std", "n", "heldout_bpd", "train_seconds", "steps"],
-                     {"test_bpd": "{:.4f}", "test_std": "{:.4f}", "heldout_bpd": "{:.4f}", "train_seconds": "{:.1f}"})
-    note = ("test_bpd: mean over seeds of the test split BPD; heldout_bpd: validation and test splits together "
-            "(equal sizes; for MNIST the 2000 examples outside the 8000 training ones). Same tiny U-Net, "
+        res = {(lab, var): [results[(ds, lab, var, s)] for s in seeds] for lab in labels for var in variants}
+        rows += [summarize(ds, lab, var, res[(lab, var)], steps_for[ds]) for lab in labels for var in variants]
+        c, v = comparisons(ds, labels, variants, res)
+        comps += c
+        lines += v
+    fmt = {"test_bpd": "{:.4f}", "heldout_bpd": "{:.4f}", "heldout_std": "{:.4f}", "train_seconds": "{:.1f}",
+           "diff": "{:+.4f}", "se": "{:.4f}", "se_eval": "{:.4f}", "se_seed": "{:.4f}"}
+    table = md_table(rows, ["dataset", "process", "variant", "heldout_bpd", "heldout_std", "test_bpd", "n",
+                            "n_heldout", "train_seconds", "steps"], fmt)
+    ctable = md_table(comps, ["dataset", "entry", "minus", "diff", "se", "se_eval", "se_seed", "verdict"], fmt)
+    note = ("heldout_bpd: mean over seeds of the BPD of all held-out examples (validation + test; for MNIST the "
+            "2000 examples outside the 8000 training ones), each evaluated with "
+            f"{args.n_t} stratified time samples and the same evaluation seed (common random numbers); heldout_std: "
+            "over seeds. Differences are paired by seed and example; se_eval is the evaluation noise alone, se_seed "
+            "the spread over seeds, se the larger; 'tie within noise' when |diff| <= 2 se. Same tiny U-Net, "
             f"steps {steps_for}, batch 64, lr 2e-3, process lr 1e-2, VP-weighted t, seeds {seeds}.")
-    name = "learned_vs_fixed" + ("_" + "_".join(args.datasets) if args.datasets else "") + ("_quick" if args.quick else "")
-    print(write(name, {"rows": rows, "seeds": seeds, "steps": steps_for, "verdicts": lines, "threads_per_run": 1,
-                       "parallel_runs": args.jobs},
-                table + "\n\n" + "\n".join(lines) + "\n\n" + note))
+    name = args.name or ("learned_vs_fixed" + ("_" + "_".join(args.datasets) if args.datasets else "")
+                         + ("_quick" if args.quick else ""))
+    print(write(name, {"rows": rows, "comparisons": comps, "seeds": seeds, "steps": steps_for, "verdicts": lines,
+                       "n_t": args.n_t, "threads_per_run": 1, "parallel_runs": args.jobs},
+                table + "\n\n" + ctable + "\n\n" + "\n".join(lines) + "\n\n" + note))
 
 
 if __name__ == "__main__":

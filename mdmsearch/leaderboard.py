@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .compare import distinct_seeds, paired, read_per_example, seed_mean
 from .errors import MDMError
 from .training.checkpoint import atomic_write
 
@@ -144,6 +145,8 @@ def ranked(df, metric: str = "val_bpd"):
     ok = df[(df["state"] == "COMPLETE") & df[metric].notna()].copy()  # duplicates would double-count
     if ok.empty:
         return pd.DataFrame()
+    ok["group"] = ok["config_group"]
+    ok = distinct_seeds(ok)  # replicates are distinct seeds: one seed in two studies counts once
     ok["label"] = ok.apply(_label, axis=1)
     keys = ["dataset", "config_group"]
     agg = ok.groupby(keys, dropna=False).agg(
@@ -156,7 +159,32 @@ def ranked(df, metric: str = "val_bpd"):
     ).reset_index()
     agg["steps"] = agg["steps"].astype("Int64")
     agg["n"] = agg["n"].astype("Int64")
-    return agg.sort_values(["dataset", "val_bpd"]).reset_index(drop=True)
+    agg = agg.sort_values(["dataset", "val_bpd"]).reset_index(drop=True)
+    return _vs_best_baseline(ok, agg)
+
+
+def _vs_best_baseline(rows, agg):
+    """Adds each configuration's held-out BPD difference to the best baseline of its dataset,
+    paired by example (``vs_baseline``, ``vs_baseline_se``, ``verdict``; see compare.py)."""
+    arrays = {key: seed_mean(read_per_example(p) for p in part["artifact_dir"].dropna())
+              for key, part in rows.groupby(["dataset", "config_group"], dropna=False)}
+    diffs, ses, words = [], [], []
+    for rec in agg.to_dict("records"):
+        base = agg[(agg["dataset"] == rec["dataset"]) & agg["baseline"].notna()]
+        comp = None
+        if not base.empty:
+            ref = (rec["dataset"], base.iloc[0]["config_group"])  # agg is sorted: the best baseline
+            comp = paired(arrays.get((rec["dataset"], rec["config_group"])), arrays.get(ref))
+        diffs.append(comp.diff if comp else None)
+        ses.append(comp.se if comp else None)
+        words.append(comp.verdict if comp else None)
+    return agg.assign(vs_baseline=pd_float(diffs), vs_baseline_se=pd_float(ses), verdict=words)
+
+
+def pd_float(values):
+    import pandas as pd
+
+    return pd.array([float("nan") if v is None else v for v in values], dtype="float64")
 
 
 def _label(row) -> str:

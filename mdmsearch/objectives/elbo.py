@@ -23,7 +23,7 @@ import torch
 
 from ..diffusion.ops import apply_matrix, sum_except_batch
 from ..diffusion.process import Kernel, LinearMDM
-from .residual import gaussian_dsm_expectation, is_kernel_aware
+from .residual import gaussian_direction, gaussian_dsm_expectation, gaussian_error, is_kernel_aware
 from .time_sampling import TimeSampler, make_time_sampler
 
 __all__ = ["ELBOTerms", "elbo", "elbo_terms", "elbo_ism", "diffusion_term_dsm", "truncation_term", "eps_from_model"]
@@ -94,12 +94,16 @@ def diffusion_term_dsm(
     z, eps, kern = process.perturb(x, t, generator=generator)  # z, eps: [B, n, *shape]
     inv_lt = _inv_chol_t(kern)  # [B, n, n]
     r = torch.sqrt(2.0 * kern.beta)[:, None, None] * (process.D_factor.T @ inv_lt)  # [B, n, n]
-    if rao_blackwell and is_kernel_aware(model) and hasattr(model, "gaussian"):
-        part = model.gaussian(z, kern)
+    if _is_residual(model) and rao_blackwell:
+        q, a = gaussian_direction(kern.phi, kern.chol, x.shape[0])  # [B, n], [B]
         r_res = apply_matrix(r, model.net(z, kern.t.to(z.dtype)))  # R r
-        r_gauss = apply_matrix(r, part.eps - eps)  # R (eps_G - eps)
+        r_gauss = apply_matrix(r, gaussian_error(model.stats, x, eps, q, a))  # R (eps_G - eps)
         mc = sum_except_batch(2.0 * r_gauss * r_res + r_res.pow(2)).to(_DT)
-        dsm = gaussian_dsm_expectation(model.stats, x, part, r) + mc  # [B]
+        dsm = gaussian_dsm_expectation(model.stats, x, q, a, r) + mc  # [B]
+    elif _is_residual(model):
+        q, a = gaussian_direction(kern.phi, kern.chol, x.shape[0])
+        eps_hat = model.given_noise(z, kern.t.to(z.dtype), x, eps, q, a)
+        dsm = sum_except_batch(apply_matrix(r, eps_hat - eps).pow(2)).to(_DT)
     else:
         eps_hat = eps_from_model(model, z, kern.t, inv_lt, parameterization, kern)
         dsm = sum_except_batch(apply_matrix(r, eps_hat - eps).pow(2)).to(_DT)  # [B]
@@ -128,18 +132,31 @@ def truncation_term(
     batch = x.shape[0]
     t = torch.full((batch,), float(t_min), dtype=_DT, device=process.s_inf.device)
     kern_xv = process.kernel(t[:1], given="xv")
-    z0 = process.embed(x, process.sample_v0(x, generator))  # [B, n, *shape]
-    eps = torch.randn(z0.shape, generator=generator, dtype=x.dtype, device=x.device)
-    u = apply_matrix(kern_xv.phi[0], z0) + apply_matrix(kern_xv.chol[0], eps)
+    v0 = process.sample_v0(x, generator)  # [B, K, *shape]
+    eps = torch.randn((batch, process.n, *x.shape[1:]), generator=generator, dtype=x.dtype, device=x.device)
+    # u = Phi z0 + L eps = Phi e_1 x + w, w = Phi[:, 1:] v0 + L eps (w ~ N(0, Sigma given x))
+    w = apply_matrix(kern_xv.chol[0], eps) + apply_matrix(kern_xv.phi[0], process.embed(torch.zeros_like(x), v0))
+    u = process.mean(x, kern_xv.phi) + w
     # the model's score at u uses the given-x kernel it was trained with: s = -L_x^{-T} eps_hat
     kern_x = process.kernel(t[:1], given="x")
     inv_lt_x = _inv_chol_t(kern_x)
-    eps_hat = eps_from_model(model, u, t, inv_lt_x.expand(batch, -1, -1), parameterization, kern_x)
+    if _is_residual(model):
+        # u = Phi e_1 x + L_x e with e = L_x^{-1} w: the Gaussian part from (x, e), without cancellation
+        q, a = gaussian_direction(kern_x.phi, kern_x.chol, batch)
+        e = apply_matrix(inv_lt_x[0].T, w)
+        eps_hat = model.given_noise(u, t.to(u.dtype), x, e, q, a)
+    else:
+        eps_hat = eps_from_model(model, u, t, inv_lt_x.expand(batch, -1, -1), parameterization, kern_x)
     # L_xv^T s = -(L_xv^T L_x^{-T}) eps_hat
     proj = kern_xv.chol[0].T @ inv_lt_x[0]  # [n, n]
     resid = eps - apply_matrix(proj, eps_hat)
     logdet_phi = d * kern_xv.big_b[0] * torch.trace(process.A)
     return logdet_phi + 0.5 * (sum_except_batch(eps.pow(2)) - sum_except_batch(resid.pow(2))).to(_DT)
+
+
+def _is_residual(model) -> bool:
+    """A Gaussian-residual model (eps_G + net) whose Gaussian part the ELBO computes from (x, eps)."""
+    return is_kernel_aware(model) and hasattr(model, "given_noise")
 
 
 def _sampler(process, time_sampler, t_min) -> TimeSampler:

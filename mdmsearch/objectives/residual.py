@@ -31,8 +31,8 @@ from torch import nn
 
 from ..diffusion.ops import apply_matrix
 
-__all__ = ["RESIDUAL_STATS", "GaussianStats", "GaussianPart", "ResidualEps", "gaussian_part",
-           "gaussian_dsm_expectation", "is_kernel_aware", "residual_stats"]
+__all__ = ["RESIDUAL_STATS", "GaussianStats", "GaussianPart", "ResidualEps", "gaussian_part", "gaussian_direction",
+           "gaussian_error", "gaussian_dsm_expectation", "is_kernel_aware", "residual_stats"]
 
 log = logging.getLogger(__name__)
 
@@ -108,41 +108,69 @@ class GaussianPart:
     a: torch.Tensor  # [B]
 
 
+def gaussian_direction(phi: torch.Tensor, chol: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """q = L^{-1} u with u = Phi e_1, and a = |q|^2, from the given-x kernel ([B or 1, n, n]
+    float64) -> ([B, n], [B]) float64."""
+    phi, chol = phi.expand(batch, -1, -1), chol.expand(batch, -1, -1)
+    u = phi[:, :, 0:1]  # [B, n, 1]  Phi e_1
+    q = torch.linalg.solve_triangular(chol, u, upper=False).squeeze(-1)  # [B, n]  L^{-1} u
+    return q, q.pow(2).sum(-1)
+
+
+def _coord(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """[B] or [B, n] -> broadcastable against [B, (n,) *shape] data coordinates."""
+    return v.reshape(*v.shape, *([1] * (like.dim() - v.dim())))
+
+
 def gaussian_part(stats: GaussianStats, z: torch.Tensor, phi: torch.Tensor, chol: torch.Tensor) -> GaussianPart:
     """The exact Gaussian noise prediction eps_G for z [B, n, *shape] given the given-x kernel
-    Phi, L ([B or 1, n, n], float64)."""
+    Phi, L ([B or 1, n, n], float64), by Sherman-Morrison per coordinate.
+
+    Where Sigma is nearly singular (small t for processes without noise on x) q is huge and the
+    two terms cancel; the ELBO therefore never computes eps_G from z but eps_G - eps from
+    (x, eps) with :func:`gaussian_error`, which has no cancellation.
+    """
     batch = z.shape[0]
-    phi, chol = phi.expand(batch, -1, -1), chol.expand(batch, -1, -1)
-    eye = torch.eye(chol.shape[-1], dtype=_DT, device=chol.device).expand_as(chol)
-    inv_l = torch.linalg.solve_triangular(chol, eye, upper=False)  # L^{-1}, [B, n, n]
-    u = phi[:, :, 0]  # [B, n]  Phi e_1
-    q = (inv_l @ u.unsqueeze(-1)).squeeze(-1)  # [B, n]  L^{-1} u
-    a = q.pow(2).sum(-1)  # [B]
-    mean = stats.mean.to(z.dtype)  # [*shape]
-    var = stats.var  # [*shape] float64
-    shape_1 = (1,) * mean.dim()
-    centred = z - u.to(z.dtype).reshape(batch, -1, *shape_1) * mean  # z - u mu, [B, n, *shape]
-    y = apply_matrix(inv_l, centred)  # L^{-1}(z - u mu)
-    qz = q.to(z.dtype).reshape(batch, -1, *shape_1)  # [B, n, 1...]
+    q, a = gaussian_direction(phi, chol, batch)
+    inv_l = torch.linalg.solve_triangular(chol.expand(batch, -1, -1),
+                                          torch.eye(chol.shape[-1], dtype=_DT, device=chol.device).expand(batch, -1, -1),
+                                          upper=False)  # L^{-1}, [B, n, n]
+    u = phi.expand(batch, -1, -1)[:, :, 0]  # [B, n]
+    x_like = z[:, 0]  # [B, *shape]
+    y = apply_matrix(inv_l, z - _coord(u.to(z.dtype), z) * stats.mean.to(z.dtype))  # L^{-1}(z - u mu)
+    qz = _coord(q.to(z.dtype), z)  # [B, n, 1...]
     qy = (qz * y).sum(dim=1)  # [B, *shape]  q . y per coordinate
-    shrink = (var / (1.0 + var * a.reshape(batch, *shape_1))).to(z.dtype)  # s2 / (1 + s2 a), [B, *shape]
-    eps_g = y - qz * (shrink * qy).unsqueeze(1)  # Sherman-Morrison
-    return GaussianPart(eps=eps_g, q=q, a=a)
+    shrink = (stats.var / (1.0 + stats.var * _coord(a, x_like))).to(z.dtype)  # s2 / (1 + s2 a)
+    return GaussianPart(eps=y - qz * (shrink * qy).unsqueeze(1), q=q, a=a)
 
 
-def gaussian_dsm_expectation(stats: GaussianStats, x: torch.Tensor, part: GaussianPart, r: torch.Tensor) -> torch.Tensor:
+def gaussian_error(stats: GaussianStats, x: torch.Tensor, eps: torch.Tensor, q: torch.Tensor,
+                   a: torch.Tensor) -> torch.Tensor:
+    """eps_G - eps for z = u x + L eps, from (x, eps) without forming z:
+
+        eps_G - eps = q [(x - mu) - s2 (q . eps)] / (1 + s2 a)       per coordinate,
+
+    products only (no cancellation at any t).  x [B, *shape], eps [B, n, *shape] -> [B, n, *shape]."""
+    denom = (1.0 + stats.var * _coord(a, x)).to(x.dtype)  # [B, *shape]
+    qe = _coord(q.to(eps.dtype), eps)  # [B, n, 1...]
+    q_eps = (qe * eps).sum(dim=1)  # [B, *shape]
+    scalar = ((x - stats.mean.to(x.dtype)) - stats.var.to(x.dtype) * q_eps) / denom  # [B, *shape]
+    return qe * scalar.unsqueeze(1)
+
+
+def gaussian_dsm_expectation(stats: GaussianStats, x: torch.Tensor, q: torch.Tensor, a: torch.Tensor,
+                             r: torch.Tensor) -> torch.Tensor:
     """E_eps |R (eps_G - eps)|^2 given x and t, summed over coordinates, [B] float64.
 
-    eps_G - eps = q [(x - mu) / (1 + s2 a) - s2 (q . eps) / (1 + s2 a)] per coordinate, and
-    q . eps ~ N(0, a), so the expectation is |R q|^2 ((x - mu)^2 + s2^2 a) / (1 + s2 a)^2.
+    With q . eps ~ N(0, a) in :func:`gaussian_error`, the expectation is
+    |R q|^2 ((x - mu)^2 + s2^2 a) / (1 + s2 a)^2 per coordinate.
     r: R = sqrt(2 beta) G^T L^{-T}, [B, n, n] float64.
     """
     batch = x.shape[0]
-    rq2 = (r @ part.q.unsqueeze(-1)).squeeze(-1).pow(2).sum(-1)  # |R q|^2, [B]
-    shape_1 = (1,) * stats.mean.dim()
-    a = part.a.reshape(batch, *shape_1)
-    num = (x.to(_DT) - stats.mean).pow(2) + stats.var.pow(2) * a  # [B, *shape]
-    per_coord = num / (1.0 + stats.var * a).pow(2)
+    rq2 = (r @ q.unsqueeze(-1)).squeeze(-1).pow(2).sum(-1)  # |R q|^2, [B]
+    a_c = _coord(a, x)
+    num = (x.to(_DT) - stats.mean).pow(2) + stats.var.pow(2) * a_c  # [B, *shape]
+    per_coord = num / (1.0 + stats.var * a_c).pow(2)
     return rq2 * per_coord.reshape(batch, -1).sum(-1)
 
 
@@ -160,11 +188,15 @@ class ResidualEps(nn.Module):
         self.net = net
         self.stats = stats
 
-    def gaussian(self, z: torch.Tensor, kernel) -> GaussianPart:
-        return gaussian_part(self.stats, z, kernel.phi, kernel.chol)
-
     def forward(self, z: torch.Tensor, t: torch.Tensor, kernel) -> torch.Tensor:
-        return self.gaussian(z, kernel).eps + self.net(z, t)
+        """eps_hat from z alone (samplers, likelihood)."""
+        return gaussian_part(self.stats, z, kernel.phi, kernel.chol).eps + self.net(z, t)
+
+    def given_noise(self, z: torch.Tensor, t: torch.Tensor, x: torch.Tensor, e: torch.Tensor, q: torch.Tensor,
+                    a: torch.Tensor) -> torch.Tensor:
+        """eps_hat at z = u x + L e when x and e are known (the ELBO): the same value as
+        ``forward``, computed as e + (eps_G - e) without cancellation."""
+        return e + gaussian_error(self.stats, x, e, q, a) + self.net(z, t)
 
 
 def is_kernel_aware(model) -> bool:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from ..compare import TIE, Comparison, distinct_seeds, paired, read_per_example, seed_mean
 from ..errors import MDMError
 
 log = logging.getLogger(__name__)
@@ -203,6 +204,8 @@ class Entry:
     trials: list = field(default_factory=list)  # [(study, trial)] of the completed runs
     rep: Optional[dict] = None  # the best seed's leaderboard row
     status: str = ""  # "" when completed, else why there is no result
+    artifact_dirs: list = field(default_factory=list)  # of the completed runs (one per seed)
+    vs_baseline: Optional[Comparison] = None  # held-out BPD minus the best baseline's, paired by example
 
     @property
     def complete(self) -> bool:
@@ -217,7 +220,7 @@ def aggregate(df) -> list[Entry]:
     """Completed configurations ranked by mean validation BPD (over seeds)."""
     if "group" not in df.columns:
         df = add_group(df)
-    ok = df[(df["state"] == "COMPLETE") & df["val_bpd"].notna()]
+    ok = distinct_seeds(df[(df["state"] == "COMPLETE") & df["val_bpd"].notna()])  # replicates = distinct seeds
     entries: list[Entry] = []
     for gid, part in ok.groupby("group", sort=False):
         rep = part.loc[part["val_bpd"].idxmin()].to_dict()
@@ -232,7 +235,8 @@ def aggregate(df) -> list[Entry]:
             test_std=float(test.std()) if test.notna().sum() > 1 else float("nan"),
             n=int(val.count()), steps=int(part["steps"].max()) if part["steps"].notna().any() else None,
             train_seconds=float(part["train_seconds"].mean()) if part["train_seconds"].notna().any() else float("nan"),
-            trials=[(str(s), int(t)) for s, t in zip(part["study"], part["trial"])], rep=rep))
+            trials=[(str(s), int(t)) for s, t in zip(part["study"], part["trial"])], rep=rep,
+            artifact_dirs=[p for p in part["artifact_dir"] if text(p)] if "artifact_dir" in part else []))
     entries.sort(key=lambda e: (e.val_mean, e.label))
     for i, e in enumerate(entries, 1):
         e.rank = i
@@ -286,7 +290,26 @@ def leaderboard_table(df, top: int = 5) -> Table:
     shown += missing
     best_learned = learned[0] if learned else None
     best_baseline = next((e for e in entries if e.baseline), None)
+    compare_to_baseline(entries, best_baseline)
     return Table(shown, entries, best_learned, best_baseline, margin_sentence(best_learned, best_baseline))
+
+
+def compare_to_baseline(entries: list[Entry], baseline: Optional[Entry]) -> None:
+    """Sets ``vs_baseline`` of every completed entry (the baseline itself included: zero)."""
+    if baseline is None:
+        return
+    ref = seed_mean(read_per_example(p) for p in baseline.artifact_dirs)
+    for e in entries:
+        if e.complete:
+            e.vs_baseline = paired(seed_mean(read_per_example(p) for p in e.artifact_dirs), ref)
+
+
+def fmt_comparison(c: Optional[Comparison]) -> str:
+    """``-0.012 ± 0.003 (better)``, or ``—`` without per-example results."""
+    if c is None:
+        return "—"
+    d = BPD_DECIMALS
+    return f"{c.diff:+.{d}f} ± {c.se:.{d}f} ({c.verdict})"
 
 
 def margin_sentence(learned: Optional[Entry], baseline: Optional[Entry]) -> str:
@@ -305,7 +328,14 @@ def margin_sentence(learned: Optional[Entry], baseline: Optional[Entry]) -> str:
     else:
         word = "better" if margin > 0 else "worse"
         rel = f"{abs(margin):.{d}f} bpd {word} than the best baseline ({baseline.label}, {baseline.val_mean:.{d}f})"
-    return f"The best learned structure ({learned.label}) reaches {learned.val_mean:.{d}f} validation bpd, {rel}."
+    sentence = f"The best learned structure ({learned.label}) reaches {learned.val_mean:.{d}f} validation bpd, {rel}."
+    c = learned.vs_baseline
+    if c is None:
+        return sentence + " (No per-example results to pair: the difference has no standard error.)"
+    judged = ("a tie within noise" if c.verdict == TIE else
+              f"{'better' if c.diff < 0 else 'worse'} beyond 2 paired standard errors")
+    return (sentence + f" On the {c.n} held-out examples, paired with the baseline, the difference is "
+            f"{c.diff:+.{d}f} ± {c.se:.{d}f} bpd: {judged}.")
 
 
 # ---------------------------------------------------------------------- other views

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
-from .data import SECONDS_DECIMALS, Entry, Table, fmt_bpd, fmt_hyper, fmt_num
+from .data import SECONDS_DECIMALS, Entry, Table, fmt_bpd, fmt_comparison, fmt_hyper, fmt_num
 
-TABLE_HEADERS = ("#", "Process", "K", "Q", "D", "Hyperparameters", "Val BPD", "Test BPD", "n", "Steps",
-                 "Train s", "Runs", "Config")
+TABLE_HEADERS = ("#", "Process", "K", "Q", "D", "Hyperparameters", "Val BPD", "Test BPD", "vs best baseline", "n",
+                 "Steps", "Train s", "Runs", "Config")
 
 
 @dataclass
@@ -69,9 +69,9 @@ def table_cells(e: Entry, multi_study: bool) -> list[str]:
             d += f" ({dp})"
     k = str(e.n_aux) if e.n_aux is not None else "—"
     if not e.complete:
-        return ["—", process, k, q, d, "—", "—", "—", "0", "—", "—", runs_cell(e, multi_study), "—"]
+        return ["—", process, k, q, d, "—", "—", "—", "—", "0", "—", "—", runs_cell(e, multi_study), "—"]
     return [str(e.rank), process, k, q, d, fmt_hyper(e.hyper), fmt_bpd(e.val_mean, e.val_std),
-            fmt_bpd(e.test_mean, e.test_std), str(e.n), str(e.steps) if e.steps is not None else "—",
+            fmt_bpd(e.test_mean, e.test_std), fmt_comparison(e.vs_baseline), str(e.n), str(e.steps) if e.steps is not None else "—",
             fmt_num(e.train_seconds, SECONDS_DECIMALS), runs_cell(e, multi_study), e.config]
 
 
@@ -211,7 +211,10 @@ def render_html(report: Report) -> str:
         '<section id="leaderboard"><h2>Leaderboard</h2>',
         '<p class="intro">Configurations ranked by mean validation BPD over training seeds (mean ± std, n seeds; '
         f"lower is better); <em>#</em> is the rank among all {len(report.table.all_entries)} completed "
-        "configurations. The fixed baselines are always listed. <em>Train s</em> is the mean training time per "
+        "configurations. The fixed baselines are always listed. <em>vs best baseline</em> is the held-out BPD "
+        "difference to the best baseline, paired by example under common evaluation noise, ± its paired standard "
+        "error, and the verdict (better or worse beyond 2 paired SE, else a tie within noise); distinct training "
+        "seeds are the only replicates. <em>Train s</em> is the mean training time per "
         "run; <em>Runs</em> lists the trials averaged; <em>Config</em> identifies the configuration up to the "
         "seed.</p>",
         _html_table(report),

@@ -112,7 +112,8 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     out = []
     for ds, part in view.groupby("dataset"):
         part = part.head(args.top)
-        cols = ["label", "val_bpd", "val_std", "test_bpd", "n", "steps", "train_seconds", "studies", "trials"]
+        cols = ["label", "val_bpd", "val_std", "test_bpd", "n", "vs_baseline", "vs_baseline_se", "verdict", "steps",
+                "train_seconds", "studies", "trials"]
         if args.format == "csv":
             out.append(part[["dataset"] + cols].to_csv(index=False))
         elif args.format == "json":

@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 Callback = Callable[[int, dict], None]
 CHECKPOINT = "checkpoint.pt"
 RESIDUAL_STATS_FILE = "residual_stats.json"  # mu, s2 of the Gaussian part (mixed parameterization)
-PER_EXAMPLE_FILE = "per_example.parquet"  # per-example val/test BPD for paired comparisons
+from ..compare import PER_EXAMPLE_FILE  # noqa: E402  per-example val/test BPD for paired comparisons
 
 
 def resolve_device(name: str) -> torch.device:
