@@ -15,13 +15,14 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from .compare import distinct_seeds, paired, read_per_example, seed_mean
 from .errors import MDMError
 from .training.checkpoint import atomic_write
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: parameterization, residual_stats
 
 # Column -> arrow type.  Every file has exactly this schema (missing values are null).
 COLUMNS: dict[str, pa.DataType] = {
@@ -52,6 +53,8 @@ COLUMNS: dict[str, pa.DataType] = {
     "gamma": pa.float64(),
     "beta_1": pa.float64(),
     "time_sampler": pa.string(),
+    "parameterization": pa.string(),  # noise predictor: eps | mixed (Gaussian residual)
+    "residual_stats": pa.string(),  # pixel | floored | global (mixed), null for eps
     "val_bpd": pa.float64(),
     "val_bpd_se": pa.float64(),
     "test_bpd": pa.float64(),
@@ -125,7 +128,11 @@ def read_tree(root: str | Path, dataset: str | None = None):
     if not target.exists() or not any(target.rglob("*.parquet")):
         where = f"dataset {dataset!r} in {root}" if dataset else str(root)
         raise MDMError(f"no leaderboard results for {where}; run `mdmsearch run SPEC.yaml` first")
-    df = pd.read_parquet(target)
+    # one explicit schema: files written before a column existed read it as null (otherwise the
+    # first file's schema would silently decide which columns the whole tree has)
+    parts = [pa.field("study", pa.string())] if dataset else [pa.field("dataset", pa.string()), pa.field("study", pa.string())]
+    schema = pa.schema(list(SCHEMA) + parts)
+    df = pads.dataset(target, format="parquet", partitioning="hive", schema=schema).to_table().to_pandas()
     if dataset:
         df["dataset"] = dataset
     for col in ("dataset", "study"):
@@ -189,6 +196,9 @@ def pd_float(values):
 
 def _label(row) -> str:
     hyper = f"lr={row['lr']:g} plr={row['process_lr']:g} gamma={row['gamma']:g} t~{row['time_sampler']}"
+    par = row.get("parameterization")
+    if isinstance(par, str):
+        hyper += f" {par}" + (f"/{row['residual_stats']}" if isinstance(row.get("residual_stats"), str) else "")
     if isinstance(row.get("baseline"), str) and row["baseline"]:
         return f"{row['baseline'].upper()} ({hyper})"
     return f"learned K={int(row['n_aux'])} Q:{row['q_pattern']} D:{row['d_pattern']}/{row['d_param']} ({hyper})"

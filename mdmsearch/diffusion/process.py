@@ -151,14 +151,18 @@ class LinearMDM(nn.Module):
     def kernel(self, t, given: str = "x") -> Kernel:
         t = self._as_time(t)
         phi, sigma = self.transition(t, given)
-        return Kernel(
-            t=t,
-            beta=self.schedule.beta(t),
-            big_b=self.schedule.integral(t),
-            phi=phi,
-            sigma=sigma,
-            chol=self.cholesky(sigma, t),
-        )
+        return self._kernel(t, phi, sigma)
+
+    def _kernel(self, t: torch.Tensor, phi: torch.Tensor, sigma: torch.Tensor) -> Kernel:
+        return Kernel(t=t, beta=self.schedule.beta(t), big_b=self.schedule.integral(t), phi=phi, sigma=sigma,
+                      chol=self.cholesky(sigma, t))
+
+    def kernel_and_end(self, t) -> tuple[Kernel, tuple[torch.Tensor, torch.Tensor]]:
+        """The given-x kernel at t [B] and (Phi, Sigma) at T ([1, n, n] each) from one batched
+        exponential: a training step needs both (the diffusion term and the prior term)."""
+        t = self._as_time(t)
+        phi, sigma = self.transition(torch.cat([t, t.new_full((1,), self.T)]), given="x")
+        return self._kernel(t, phi[:-1], sigma[:-1]), (phi[-1:], sigma[-1:])
 
     # ------------------------------------------------------------------ states
     def embed(self, x: torch.Tensor, v0: torch.Tensor | None = None) -> torch.Tensor:
@@ -209,9 +213,10 @@ class LinearMDM(nn.Module):
         quad = sum_except_batch(z * z / s)
         return -0.5 * (d * (self.n * _LOG_2PI + torch.log(self.s_inf).sum().to(z.dtype)) + quad)
 
-    def prior_term(self, x: torch.Tensor) -> torch.Tensor:
-        """E_{q(z_T|x)} log pi(z_T), exactly (math note, section 3), [B]."""
-        phi, sigma = self.transition(torch.full((1,), self.T), given="x")
+    def prior_term(self, x: torch.Tensor, at_end: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """E_{q(z_T|x)} log pi(z_T), exactly (math note, section 3), [B].  ``at_end``: (Phi, Sigma)
+        at T given x when the caller has them already (:meth:`kernel_and_end`)."""
+        phi, sigma = at_end if at_end is not None else self.transition(torch.full((1,), self.T), given="x")
         d = x[0].numel()
         inv_s = 1.0 / self.s_inf
         const = self.n * _LOG_2PI + torch.log(self.s_inf).sum() + (torch.diagonal(sigma[0]) * inv_s).sum()

@@ -79,6 +79,7 @@ def diffusion_term_dsm(
     parameterization: str = "eps",
     generator: torch.Generator | None = None,
     rao_blackwell: bool = True,
+    kernel: Kernel | None = None,
 ) -> torch.Tensor:
     """One-sample estimate of the time integral (denoising form), [B] float64.
 
@@ -91,11 +92,12 @@ def diffusion_term_dsm(
     that involve the network are left to Monte Carlo.
     """
     d = x[0].numel()
-    z, eps, kern = process.perturb(x, t, generator=generator)  # z, eps: [B, n, *shape]
+    z, eps, kern = process.perturb(x, t, generator=generator, kernel=kernel)  # z, eps: [B, n, *shape]
     inv_lt = _inv_chol_t(kern)  # [B, n, n]
     r = torch.sqrt(2.0 * kern.beta)[:, None, None] * (process.D_factor.T @ inv_lt)  # [B, n, n]
     if _is_residual(model) and rao_blackwell:
-        q, a = gaussian_direction(kern.phi, kern.chol, x.shape[0])  # [B, n], [B]
+        q = (inv_lt.transpose(-1, -2) @ kern.phi[:, :, :1]).squeeze(-1)  # L^{-1} Phi e_1, [B, n]
+        a = q.pow(2).sum(-1)  # [B]
         r_res = apply_matrix(r, model.net(z, kern.t.to(z.dtype)))  # R r
         r_gauss = apply_matrix(r, gaussian_error(model.stats, x, eps, q, a))  # R (eps_G - eps)
         mc = sum_except_batch(2.0 * r_gauss * r_res + r_res.pow(2)).to(_DT)
@@ -187,19 +189,23 @@ def elbo_terms(
     sampler = _sampler(process, time_sampler, t_min)
     batch = x.shape[0]
     diff = torch.zeros(batch, dtype=_DT, device=x.device)
+    at_end = None
     for i in range(n_t):
         # sample i covers the i-th stratum of p(t): unbiased, much lower variance than iid draws
         t, w = sampler.sample(batch, generator=time_generator or generator, device=process.s_inf.device,
                               stratum=(i, n_t))
+        kern = None
+        if i == 0:  # the prior term's transition at T rides along in the same batched exponential
+            kern, at_end = process.kernel_and_end(t)
         diff = diff + diffusion_term_dsm(process, x, model, t, w, parameterization=parameterization, generator=generator,
-                                         rao_blackwell=rao_blackwell)
+                                         rao_blackwell=rao_blackwell, kernel=kern)
     trunc = (
         truncation_term(process, x, model, sampler.t_min, parameterization=parameterization, generator=generator)
         if truncation
         else torch.zeros_like(diff)
     )
     return ELBOTerms(
-        prior=process.prior_term(x).to(_DT),
+        prior=process.prior_term(x, at_end).to(_DT),
         diffusion=diff / n_t,
         entropy=process.entropy_v0(x[0].numel()).to(_DT).expand(batch),
         truncation=trunc,

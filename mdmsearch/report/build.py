@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 MARKER = ".mdmsearch-report"  # marks a directory this module owns (and may replace)
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_PRUNED_CURVES = 60
-HYPER_COLS = ("lr", "process_lr", "gamma", "beta_1", "time_sampler")
+HYPER_COLS = ("lr", "process_lr", "gamma", "beta_1", "time_sampler", "parameterization", "residual_stats")
 
 
 def build_reports(root: str | Path = "studies/leaderboard", out_dir: str | Path = "reports",

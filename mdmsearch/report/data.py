@@ -25,7 +25,7 @@ STATES = ("COMPLETE", "PRUNED", "FAIL", "INVALID", "DUPLICATE")
 # Everything that makes two trials the same configuration up to the training seed.  spec_hash
 # pins the data, model and budget (it also includes the study name, so studies never merge).
 GROUP_COLS = ("spec_hash", "baseline", "n_aux", "q_pattern", "d_pattern", "d_param", "learn", "q_mask",
-              "d_mask", "lr", "process_lr", "gamma", "beta_1", "time_sampler")
+              "d_mask", "lr", "process_lr", "gamma", "beta_1", "time_sampler", "parameterization", "residual_stats")
 STRUCTURE_PARAMS = ("n_aux", "q_pattern", "d_pattern", "d_param", "learn", "seed")
 
 # display precision (the tests parse the table back with the same rounding)

@@ -47,12 +47,19 @@ class TrialPlan:
         return {"name": "learned", "n_aux": self.n_aux, "q_mask": self.q_mask, "d_mask": self.d_mask,
                 "d_param": self.d_param, "learn": self.learn, **common}
 
+    def model_config(self, spec: SearchSpec) -> dict:
+        """The spec's model with this plan's noise predictor (parameterization, statistics)."""
+        model = spec.model.model_dump(mode="json")
+        model["parameterization"] = self.hyper.get("parameterization", model["parameterization"])
+        model["residual_stats"] = self.hyper.get("residual_stats") or model["residual_stats"]
+        return model
+
     def run_config(self, spec: SearchSpec) -> RunConfig:
         b = spec.budget
         data = {
             "process": self.process_config(),
             "data": spec.data.model_dump(mode="json"),
-            "model": spec.model.model_dump(mode="json"),
+            "model": self.model_config(spec),
             "optim": {"batch_size": b.batch_size, "lr": self.hyper["lr"], "process_lr": self.hyper["process_lr"]},
             "train": {"steps": b.steps, "eval_every": b.eval_every, "eval_examples": b.eval_examples,
                       "eval_n_t": b.eval_n_t, "test_n_t": b.test_n_t,
@@ -112,9 +119,18 @@ def baseline_params(spec: SearchSpec, seed: int) -> dict[str, Any]:
             params[name] = default_value(r)
     if len(spec.hyper.time_sampler) > 1:
         params["time_sampler"] = spec.hyper.time_sampler[0]
+    for name, options in predictor_choices(spec).items():
+        if len(options) > 1:
+            params[name] = options[0]
     if len(spec.seeds) > 1:
         params["seed"] = seed
     return params
+
+
+def predictor_choices(spec: SearchSpec) -> dict[str, list[str]]:
+    """Searched (or fixed) noise-predictor options: parameterization and residual statistics."""
+    return {"parameterization": list(spec.hyper.parameterization or [spec.model.parameterization]),
+            "residual_stats": list(spec.hyper.residual_stats or [spec.model.residual_stats])}
 
 
 def _suggest_float(trial, name: str, r: FloatRange) -> float:
@@ -133,6 +149,11 @@ def suggest_plan(trial, spec: SearchSpec, baseline: Optional[str] = None) -> Tri
     """Sample (or read back, for enqueued trials) a plan.  ``trial`` is any Optuna trial."""
     hyper = {name: _suggest_float(trial, name, getattr(spec.hyper, name)) for name in HYPER_NAMES}
     hyper["time_sampler"] = _choice(trial, "time_sampler", list(spec.hyper.time_sampler))
+    options = predictor_choices(spec)
+    hyper["parameterization"] = _choice(trial, "parameterization", options["parameterization"])
+    # the statistics mean nothing without the Gaussian part: not suggested (no aliases) for eps
+    hyper["residual_stats"] = (_choice(trial, "residual_stats", options["residual_stats"])
+                               if hyper["parameterization"] == "mixed" else None)
     seed = int(_choice(trial, "seed", list(spec.seeds)))
     if baseline:
         n_aux = {"vpsde": 0, "cld": 1, "alda": 2, "malda": 2}[baseline]

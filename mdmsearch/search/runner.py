@@ -60,6 +60,7 @@ def _base_row(spec: SearchSpec, number: int, plan: TrialPlan, executor: str, sta
         "params": _json(plan.params),
         "lr": plan.hyper["lr"], "process_lr": plan.hyper["process_lr"], "gamma": plan.hyper["gamma"],
         "beta_1": plan.hyper["beta_1"], "time_sampler": plan.hyper["time_sampler"],
+        "parameterization": plan.hyper["parameterization"], "residual_stats": plan.hyper["residual_stats"],
         "budget_steps": spec.budget.steps, "executor": executor, "spec_hash": spec.spec_hash(),
         "started_at": started, "mdmsearch_version": __version__, "torch_version": torch.__version__,
         "optuna_version": optuna.__version__,

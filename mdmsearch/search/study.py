@@ -19,7 +19,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..errors import ConfigError
-from .plan import baseline_params
+from .plan import baseline_params, predictor_choices
 from .spec import SearchSpec
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,9 @@ def grid_space(spec: SearchSpec) -> dict[str, list]:
             space[name] = list(r.choices)
     if len(hy.time_sampler) > 1:
         space["time_sampler"] = list(hy.time_sampler)
+    for name, options in predictor_choices(spec).items():
+        if len(options) > 1:
+            space[name] = options
     if len(spec.seeds) > 1:
         space["seed"] = list(spec.seeds)
     return space

@@ -1,0 +1,158 @@
+"""Paired comparisons: common random numbers in evaluation, per-example files, verdicts,
+distinct seeds as the only replicates, and the leaderboard's difference to the best baseline."""
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from mdmsearch.compare import (
+    PER_EXAMPLE_FILE,
+    TIE,
+    distinct_seeds,
+    paired,
+    read_per_example,
+    seed_mean,
+    verdict,
+)
+from mdmsearch.data import load_dataset
+from mdmsearch.diffusion import preset
+from mdmsearch.leaderboard import ranked, read_tree, write_trial
+from mdmsearch.objectives import GaussianStats, ResidualEps, make_time_sampler, residual_stats
+from mdmsearch.training.evaluate import data_moments, evaluate_bpd
+
+
+class Zero(torch.nn.Module):
+    def forward(self, z, t):
+        return torch.zeros_like(z)
+
+
+def test_verdicts():
+    assert verdict(-0.03, 0.01) == "better"
+    assert verdict(0.03, 0.01) == "worse"
+    assert verdict(0.019, 0.01) == TIE and verdict(-0.02, 0.01) == TIE  # |diff| <= 2 SE
+    assert verdict(float("nan"), 0.01) == TIE
+
+
+def test_paired_se_is_the_se_of_the_differences():
+    rng = np.random.default_rng(0)
+    common = rng.normal(2.0, 1.0, 500)  # shared per-example difficulty
+    a = common + rng.normal(0, 0.05, 500) - 0.02
+    b = common + rng.normal(0, 0.05, 500)
+    c = paired(a, b)
+    diff = a - b
+    assert c.diff == pytest.approx(diff.mean()) and c.se == pytest.approx(diff.std(ddof=1) / math.sqrt(500))
+    assert c.se < 0.1 * math.sqrt((a.var() + b.var()) / 500)  # pairing removes the shared part
+    assert c.verdict == "better"
+    assert paired(a, b[:10]) is None and paired(None, b) is None
+
+
+class Recorder(torch.nn.Module):
+    """A zero residual network that records the times and x-blocks it is called with."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def forward(self, z, t):
+        self.calls.append((t.detach().clone(), z[:, 0].detach().clone()))
+        return torch.zeros_like(z)
+
+
+def test_evaluation_uses_common_random_numbers_across_processes():
+    """Two processes with different numbers of variables, evaluated with one seed, see the same
+    times and the same dequantized data (with one shared generator the eps draws of n = 3 would
+    shift every later draw)."""
+    data = load_dataset("digits", seed=0)
+    stats = GaussianStats(*residual_stats(*data_moments(data.train, data.levels, torch.Generator().manual_seed(0)),
+                                          "global"))
+    val = data.val[:96]
+    nets = {}
+    for name in ("vpsde", "malda"):
+        proc = preset(name)
+        nets[name] = Recorder()
+        sampler = make_time_sampler("vp", proc, t_min=1e-3)
+        evaluate_bpd(proc, ResidualEps(nets[name], stats), val, data.levels, time_sampler=sampler,
+                     batch_size=32, n_t=2, seed=5)
+    a, b = nets["vpsde"].calls, nets["malda"].calls
+    assert len(a) == len(b) == 3 * 3  # 3 batches x (2 strata + the truncation term)
+    truncation_calls = 0
+    for (ta, xa), (tb, xb) in zip(a, b):
+        torch.testing.assert_close(ta, tb)
+        if abs(float(ta[0]) - 1e-3) < 1e-7:  # truncation term: z_x = x + O(sqrt(t_min)) noise for both
+            truncation_calls += 1
+            assert float((xa - xb).abs().mean()) < 0.05
+    assert truncation_calls == 3
+    # and a different seed gives different times
+    other = Recorder()
+    evaluate_bpd(preset("vpsde"), ResidualEps(other, stats), val, data.levels,
+                 time_sampler=make_time_sampler("vp", preset("vpsde"), t_min=1e-3), batch_size=32, n_t=2, seed=6)
+    assert not torch.equal(other.calls[0][0], a[0][0])
+
+
+def _write_run(root: Path, name: str, bpd: np.ndarray) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    half = len(bpd) // 2
+    pd.DataFrame({"split": ["val"] * half + ["test"] * (len(bpd) - half),
+                  "index": list(range(half)) + list(range(len(bpd) - half)),
+                  "bpd": bpd, "n_t": 8}).sample(frac=1.0, random_state=0).to_parquet(run / PER_EXAMPLE_FILE)
+    return run
+
+
+def test_read_per_example_orders_val_then_test(tmp_path):
+    bpd = np.arange(10, dtype=float)
+    run = _write_run(tmp_path, "r", bpd)
+    np.testing.assert_array_equal(read_per_example(run), bpd)
+    assert read_per_example(tmp_path / "missing") is None
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / PER_EXAMPLE_FILE).write_bytes(b"not parquet")
+    assert read_per_example(tmp_path / "bad") is None
+    np.testing.assert_allclose(seed_mean([bpd, bpd + 2, None]), bpd + 1)
+
+
+def test_distinct_seeds_are_the_only_replicates():
+    df = pd.DataFrame({"group": ["g", "g", "g", "h"], "seed": [0, 0, 1, 0], "trial": [3, 1, 2, 4]})
+    out = distinct_seeds(df)
+    assert sorted(zip(out["group"], out["seed"], out["trial"])) == [("g", 0, 1), ("g", 1, 2), ("h", 0, 4)]
+
+
+def _row(trial, baseline, group, seed, val, art, study="s"):
+    return {"trial": trial, "state": "COMPLETE", "baseline": baseline, "seed": seed, "process": baseline or "learned",
+            "n_aux": 0 if baseline else 1, "config_group": group, "config_hash": f"{group}-{seed}", "lr": 2e-3,
+            "process_lr": 1e-2, "gamma": 0.01, "beta_1": 10.0, "time_sampler": "vp", "parameterization": "mixed",
+            "residual_stats": "floored", "val_bpd": val, "test_bpd": val, "artifact_dir": str(art), "steps": 10}
+
+
+def test_leaderboard_reports_paired_difference_to_the_best_baseline(tmp_path):
+    rng = np.random.default_rng(1)
+    common = rng.normal(2.0, 0.5, 400)
+    base = _write_run(tmp_path / "art", "base", common)
+    better = _write_run(tmp_path / "art", "better", common - 0.03 + rng.normal(0, 0.02, 400))
+    tie = _write_run(tmp_path / "art", "tie", common + rng.normal(0, 0.02, 400))
+    root = tmp_path / "lb"
+    write_trial(root, "digits", "s", _row(0, "vpsde", "B", 0, 2.0, base))
+    write_trial(root, "digits", "s", _row(1, None, "L", 0, 1.97, better))
+    write_trial(root, "digits", "s", _row(2, None, "T", 0, 2.001, tie))
+    # the same seed of "L" again in another study: one replicate, not two
+    write_trial(root, "digits", "t", _row(0, None, "L", 0, 1.97, better, study="t"))
+    view = ranked(read_tree(root)).set_index("config_group")
+    assert view.loc["L", "n"] == 1
+    assert view.loc["L", "verdict"] == "better" and view.loc["L", "vs_baseline"] == pytest.approx(-0.03, abs=0.01)
+    assert view.loc["L", "vs_baseline_se"] < 0.002
+    assert view.loc["T", "verdict"] == TIE
+    assert view.loc["B", "vs_baseline"] == 0.0
+
+
+def test_rows_written_before_a_column_existed_read_as_null(tmp_path):
+    """Schema version 1 rows (no parameterization column) and version 2 rows form one table."""
+    root = tmp_path / "lb"
+    part = root / "dataset=digits" / "study=old"
+    part.mkdir(parents=True)
+    pd.DataFrame({"trial": [0], "state": ["COMPLETE"], "val_bpd": [2.0]}).to_parquet(part / "trial-0.parquet")
+    write_trial(root, "digits", "new", _row(1, "vpsde", "B", 0, 2.0, tmp_path))
+    df = read_tree(root).set_index("trial")
+    assert df.loc[1, "parameterization"] == "mixed" and pd.isna(df.loc[0, "parameterization"])
