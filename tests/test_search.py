@@ -97,6 +97,7 @@ def _assert_trained_once(tmp_path, df, study="tiny") -> None:
     assert len(ckpts) == len(trained)
 
 
+@pytest.mark.slow
 def test_tiny_study_end_to_end(tmp_path):
     spec = _write(tmp_path, TINY)
     proc = _run(tmp_path, spec)
@@ -131,6 +132,7 @@ def test_tiny_study_end_to_end(tmp_path):
     assert again.returncode == 0 and len(_board(tmp_path)) == 7
 
 
+@pytest.mark.slow
 def test_sigkill_mid_trial_then_resume(tmp_path):
     spec = dict(TINY, n_trials=6, budget=dict(TINY["budget"], steps=200, eval_every=20))
     path = _write(tmp_path, spec)
@@ -173,6 +175,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
         assert not f.name.endswith(".tmp")
 
 
+@pytest.mark.slow
 def test_two_workers_share_one_study(tmp_path):
     spec = dict(TINY, n_trials=8, workers=2)
     res = _run(tmp_path, _write(tmp_path, spec))
@@ -358,6 +361,7 @@ def test_every_sampler_proposes_valid_plans(sampler):
 
 
 # ---------------------------------------------------------------------- pruning, RDB storage, failures
+@pytest.mark.slow
 def test_tpe_with_median_pruning_on_sqlite_storage(tmp_path):
     """The default sampler and pruner on an RDB study: pruned trials are PRUNED in the study
     and the board, stopped at an evaluation step, with their learning curve; re-running the
