@@ -268,10 +268,18 @@ def test_rebuild_is_idempotent_and_leaves_no_stale_files(tiny, tmp_path):
 def test_importances_from_the_optuna_study(tiny, tmp_path):
     info = compute_importances(load_study(tiny["studies"], "tiny"))
     assert info.study is not None and info.spec_hash == tiny["df"]["spec_hash"].iloc[0]
-    if info.n_complete >= MIN_COMPLETE_FOR_IMPORTANCE and not info.importance_note:
-        assert info.importances and math.isclose(sum(info.importances.values()), 1.0, rel_tol=1e-6)
+    # the outcome this study implies (not "importances or a note"): computed from its trials
+    complete = [t for t in info.study.trials if t.state.name == "COMPLETE" and t.values]
+    varying = {k for t in complete for k in t.params if len({repr(u.params.get(k)) for u in complete}) > 1}
+    assert info.n_complete == len(complete)
+    if len(complete) < MIN_COMPLETE_FOR_IMPORTANCE:
+        assert not info.importances and "too few complete trials" in info.importance_note
+    elif len(varying) < 2:
+        assert not info.importances and "at least two parameters" in info.importance_note
     else:
-        assert info.importance_note
+        assert info.importance_note is None, info.importance_note
+        assert info.importances and set(info.importances) <= varying
+        assert math.isclose(sum(info.importances.values()), 1.0, rel_tol=1e-6)
     missing = compute_importances(load_study(tmp_path, "tiny"))
     assert missing.study is None and "not found" in missing.importance_note
     assert not (tmp_path / "tiny").exists()  # reading never creates study directories
@@ -357,3 +365,23 @@ def test_report_without_any_completed_trial(tiny, tmp_path):
     assert "No trial has completed yet" in text and "No configuration has completed yet" in text
     for ref in (r for r in _parse_html(index).refs if r and not r.startswith("#")):
         assert (index.parent / ref).is_file()
+
+
+def test_importances_follow_the_objective_and_say_why_when_skipped():
+    """On a synthetic study whose value depends on x only, x gets (nearly) all the importance;
+    too few complete trials give a note and no importances."""
+    import optuna
+
+    from mdmsearch.report.studies import StudyInfo
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    study.optimize(lambda t: t.suggest_float("x", -1, 1) ** 2 + 0 * t.suggest_float("y", -1, 1), n_trials=30)
+    info = compute_importances(StudyInfo(name="synthetic", study=study))
+    assert info.importance_note is None and set(info.importances) == {"x", "y"}
+    assert info.importances["x"] > 0.9
+    small = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    small.optimize(lambda t: t.suggest_float("x", -1, 1) + t.suggest_float("y", -1, 1),
+                   n_trials=MIN_COMPLETE_FOR_IMPORTANCE - 1)
+    few = compute_importances(StudyInfo(name="small", study=small))
+    assert not few.importances and "too few complete trials" in few.importance_note
