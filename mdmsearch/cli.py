@@ -26,6 +26,8 @@ _TRAIN_FLAGS = {
     "gamma": ("process", "gamma", float),
     "model": ("model", "name", str),
     "model_size": ("model", "size", str),
+    "parameterization": ("model", "parameterization", str),
+    "residual_stats": ("model", "residual_stats", str),
     "batch_size": ("optim", "batch_size", int),
     "lr": ("optim", "lr", float),
     "process_lr": ("optim", "process_lr", float),
@@ -71,14 +73,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _load_trainer(run_dir: str):
-    from .config import parse_run_config
+    from .config import parse_run_config, upgrade_saved_config
     from .training import CHECKPOINT, Trainer, load_checkpoint
 
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         raise MDMError(f"{path}: no checkpoint (train with --out {run_dir} first)")
     state = load_checkpoint(path, map_location="cpu")
-    config = parse_run_config(state["config"], str(path))
+    config = parse_run_config(upgrade_saved_config(state["config"]), str(path))
     config.train.progress = False
     trainer = Trainer(config, run_dir)
     trainer.load_state_dict(load_checkpoint(path, map_location=trainer.device))

@@ -192,6 +192,18 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+def upgrade_saved_config(data: dict) -> dict:
+    """A configuration saved by an older version, read as what it trained: checkpoints written
+    before the Gaussian-residual parameterization existed are ``eps`` (copy)."""
+    data = dict(data)
+    model = dict(data.get("model") or {})
+    if "parameterization" not in model:
+        model["parameterization"] = "eps"
+        model.setdefault("residual_stats", ModelConfig.model_fields["residual_stats"].default)
+    data["model"] = model
+    return data
+
+
 def parse_run_config(data: dict, source: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)

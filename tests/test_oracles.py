@@ -285,13 +285,13 @@ def test_digits_bpd_of_the_gaussian_oracle_model_through_evaluate(tmp_path):
     from mdmsearch.training.evaluate import evaluate_bpd
 
     cfg = parse_run_config({
-        "process": {"name": "vpsde"}, "data": {"name": "digits"}, "model": {"size": "tiny"},
+        "process": {"name": "vpsde"}, "data": {"name": "digits"}, "model": {"size": "tiny", "parameterization": "eps"},
         "train": {"steps": 1, "eval_every": 1, "n_samples": 0, "progress": False, "device": "cpu"},
     })
     tr = Trainer(cfg, tmp_path)
     assert tr.data.levels == 17
     proc = tr.process
-    tr.net = OracleEps(proc, DIGITS_MU, DIGITS_VAR)
+    tr.net = tr.model = OracleEps(proc, DIGITS_MU, DIGITS_VAR)  # the eps parameterization: the model is the net
     n_t = 16
     res = tr.evaluate("val", n_t=n_t)
     tc = cfg.train

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import yaml
 
-from ..config import RunConfig
+from ..config import RunConfig, upgrade_saved_config
 from ..data import DataBundle, load_dataset
 from ..diffusion.process import LinearMDM
 from ..errors import ConfigError, NonFiniteLossError
@@ -225,7 +225,7 @@ class Trainer:
             return False
         state = load_checkpoint(path, map_location=self.device)
         self._check_parameterization(state)
-        saved = dict(state["config"])
+        saved = upgrade_saved_config(state["config"])
         current = self.config.model_dump(mode="json")
         # the budget may grow on resume; everything else must match
         saved["train"] = {k: v for k, v in saved["train"].items() if k not in ("steps", "progress")}
