@@ -39,16 +39,26 @@ def add_search_commands(sub) -> None:
 
 
 def _load(args):
+    """The spec with the flags applied, validated, and the setup checked (storage, directories,
+    dataset) before anything is created."""
+    from ..preflight import check_search
     from .spec import load_spec
 
     overrides = {"n_trials": args.n_trials, "workers": args.workers, "storage": args.storage,
                  "dataset": args.dataset, "studies_dir": args.studies_dir, "executor": args.executor,
                  "time_budget_s": args.time_budget}
-    return load_spec(args.spec, overrides)
+    spec = load_spec(args.spec, overrides)
+    if args.address and spec.executor != "ray":
+        raise MDMError(f"--address {args.address}: only with --executor ray (or executor: ray in the spec)")
+    return check_search(spec, {k: v is not None for k, v in overrides.items()})
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from ..logs import options as log_options
+    from ..logs import route_optuna
+
     spec = _load(args)
+    route_optuna()
     if spec.executor == "ray":
         from .ray_executor import run_ray
 
@@ -56,7 +66,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         from .runner import run_local
 
-        counts = run_local(spec, allow_spec_change=args.allow_spec_change, verbose=args.verbose)
+        counts = run_local(spec, allow_spec_change=args.allow_spec_change, log_options=log_options(args))
     sys.stdout.write(json.dumps({"study": spec.study, **counts}) + "\n")
     return 0
 
@@ -65,10 +75,15 @@ def _cmd_status(args: argparse.Namespace) -> int:
     import optuna
     from optuna.trial import TrialState
 
+    from ..logs import route_optuna
     from .study import FINAL_ATTR, make_storage
 
-    url = args.storage or f"journal:{Path(args.studies_dir) / args.study / 'journal.log'}"
-    if url.startswith("journal:") and not Path(url[len("journal:"):]).exists():
+    route_optuna()
+
+    from ..preflight import journal_path, normalize_storage
+
+    url = normalize_storage(args.storage, Path(args.studies_dir) / args.study / "journal.log")
+    if journal_path(url) is not None and not journal_path(url).is_file():
         raise MDMError(f"no study {args.study!r} under {args.studies_dir}/ (run `mdmsearch run SPEC.yaml` first)")
     try:
         study = optuna.load_study(study_name=args.study, storage=make_storage(url))

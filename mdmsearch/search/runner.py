@@ -235,15 +235,18 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _worker_main(spec_json: str, worker: int, allow_spec_change: bool, verbose: bool) -> None:
+def _worker_main(spec_json: str, worker: int, allow_spec_change: bool, log_options: dict) -> None:
+    from ..logs import route_optuna, setup_logging
+
     _die_with_parent()
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format=f"%(levelname)s w{worker} %(name)s: %(message)s")
+    setup_logging(**log_options, tag=f"w{worker}")
+    route_optuna()
     spec = SearchSpec.model_validate_json(spec_json)
     worker_loop(spec, worker, allow_spec_change)
 
 
-def run_local(spec: SearchSpec, *, allow_spec_change: bool = False, verbose: bool = False) -> dict:
+def run_local(spec: SearchSpec, *, allow_spec_change: bool = False, verbose: bool = False,
+              log_options: Optional[dict] = None) -> dict:
     """Run the study with ``spec.workers`` processes on this machine; returns the final counts."""
     study = open_study(spec, allow_spec_change=allow_spec_change)  # validates/creates once, up front
     study.set_user_attr("n_trials", spec.n_trials)  # for `mdmsearch status` (ETA)
@@ -253,7 +256,8 @@ def run_local(spec: SearchSpec, *, allow_spec_change: bool = False, verbose: boo
         worker_loop(spec, 0, allow_spec_change)
     else:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker_main, args=(spec.model_dump_json(), i, allow_spec_change, verbose),
+        procs = [ctx.Process(target=_worker_main, args=(spec.model_dump_json(), i, allow_spec_change,
+                                                                 log_options or {"verbose": verbose}),
                              name=f"mdmsearch-worker-{i}") for i in range(spec.workers)]
         for p in procs:
             p.start()
