@@ -87,7 +87,12 @@ def _load_trainer(run_dir: str):
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         raise MDMError(f"{path}: no checkpoint (train with --out {run_dir} first)")
-    state = load_checkpoint(path, map_location="cpu")
+    from .training.checkpoint import UNREADABLE
+
+    try:
+        state = load_checkpoint(path, map_location="cpu")
+    except UNREADABLE as exc:
+        raise MDMError(f"{path}: damaged checkpoint ({type(exc).__name__}); re-train with --resume to restart it") from None
     config = parse_run_config(state["config"], str(path))
     config.train.progress = False
     trainer = Trainer(config, run_dir)

@@ -23,7 +23,8 @@ from ..training import Trainer
 from ..training.checkpoint import atomic_write_json
 from .plan import TrialPlan, suggest_plan
 from .spec import SearchSpec
-from .study import FINAL_ATTR, Heartbeat, count_trials, open_study, recover_stale, study_lock
+from .study import (FINAL_ATTR, OUTCOME_ATTR, Heartbeat, count_trials, open_study, record_run, recover_stale,
+                    study_lock)
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,12 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
     def done(state: str, values, reason: Optional[str] = None, **extra) -> TrialOutcome:
         row.update(state=state, reason=reason, wall_seconds=time.perf_counter() - t0,
                    finished_at=datetime.now(timezone.utc), **extra)
-        write_trial(spec.leaderboard_root, spec.data.name, spec.study, row)
+        try:
+            write_trial(spec.leaderboard_root, spec.data.name, spec.study, row)
+        except OSError as exc:  # full disk: the study still learns the outcome; the row can be rebuilt
+            log.warning("trial %d: leaderboard row not written (%s); once there is space, "
+                        "`mdmsearch rebuild %s` writes it", number, exc, spec.study)
+        trial.set_user_attr(OUTCOME_ATTR, state)
         trial.set_user_attr(FINAL_ATTR, True)
         if reason:
             trial.set_user_attr("reason", reason)
@@ -122,9 +128,10 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
                         test_bpd=first.get("test_bpd"), steps=first.get("steps"))
 
     config = plan.run_config(spec)
-    atomic_write_json(art_dir / "plan.json", {"plan": plan.__dict__, "trial": number})
     reporter = report or _optuna_reporter(trial)
+    trainer = None
     try:
+        atomic_write_json(art_dir / "plan.json", {"plan": plan.__dict__, "trial": number})
         with Heartbeat(art_dir, number):
             trainer = Trainer(config, art_dir, callback=reporter, data=load_data(spec))
             if trainer.try_resume():
@@ -134,14 +141,18 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
             metrics = trainer.fit(resume=False)
     except optuna.TrialPruned:
         last = trainer.history[-1] if trainer.history else {}
-        write_curve(spec.curves_root, spec.data.name, spec.study, number, trainer.history)
+        _write_curve(spec, number, trainer.history)
         return done("PRUNED", None, reason=f"pruned at step {trainer.step}", val_bpd=last.get("val_bpd"),
                     best_val_bpd=trainer.best_val, steps=trainer.step, train_seconds=trainer.train_seconds,
                     n_params=trainer.n_params)
     except MDMError as exc:  # NaN loss, failed Cholesky, invalid process: a decided failure
         log.warning("trial %d failed: %s", number, exc)
         return done("FAIL", None, reason=str(exc))
-    write_curve(spec.curves_root, spec.data.name, spec.study, number, trainer.history)
+    except OSError as exc:  # disk full, quota, I/O error writing checkpoints or artifacts
+        reason = f"cannot write trial artifacts in {art_dir}: {exc.strerror or exc} (errno {exc.errno})"
+        log.warning("trial %d failed: %s", number, reason)
+        return done("FAIL", None, reason=reason, steps=trainer.step if trainer is not None else None)
+    _write_curve(spec, number, trainer.history)
     trial.set_user_attr("test_bpd", metrics["test_bpd"])
     trial.set_user_attr("steps", metrics["steps"])
     values = [metrics["val_bpd"]]
@@ -152,6 +163,13 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
                 prior_kl_per_dim=metrics["prior_kl_per_dim"], steps=metrics["steps"],
                 train_seconds=metrics["train_seconds"], n_params=metrics["n_params"],
                 Q=_json(metrics["Q"]), D=_json(metrics["D"]))
+
+
+def _write_curve(spec: SearchSpec, number: int, history: list[dict]) -> None:
+    try:
+        write_curve(spec.curves_root, spec.data.name, spec.study, number, history)
+    except OSError as exc:  # the trial's result stands; `mdmsearch rebuild` writes the curve later
+        log.warning("trial %d: learning curve not written (%s)", number, exc)
 
 
 def _optuna_reporter(trial):
@@ -189,7 +207,7 @@ def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = Fal
         with study_lock(spec):
             recover_stale(study)
             counts = count_trials(study)
-            if counts["finished"] + counts["running"] >= spec.n_trials:
+            if counts["decided"] + counts["running"] >= spec.n_trials:
                 break
             trial = study.ask()
             # claim it before releasing the lock: the artifact dir + a first heartbeat
@@ -249,8 +267,7 @@ def run_local(spec: SearchSpec, *, allow_spec_change: bool = False, verbose: boo
               log_options: Optional[dict] = None) -> dict:
     """Run the study with ``spec.workers`` processes on this machine; returns the final counts."""
     study = open_study(spec, allow_spec_change=allow_spec_change)  # validates/creates once, up front
-    study.set_user_attr("n_trials", spec.n_trials)  # for `mdmsearch status` (ETA)
-    study.set_user_attr("workers", spec.workers)
+    record_run(study, spec, "local")  # for `mdmsearch status` (ETA)
     t0 = time.perf_counter()
     if spec.workers == 1:
         worker_loop(spec, 0, allow_spec_change)

@@ -28,7 +28,7 @@ from ..errors import ConfigError, NonFiniteLossError
 from ..nets import build_network, count_parameters
 from ..objectives import elbo, make_time_sampler
 from ..objectives.time_sampling import AdaptiveTime
-from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+from .checkpoint import UNREADABLE, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint, set_aside
 from .ema import EMA
 from .evaluate import evaluate_bpd, prepare_batch
 
@@ -195,7 +195,11 @@ class Trainer:
         path = self.out_dir / CHECKPOINT
         if not path.exists():
             return False
-        state = load_checkpoint(path, map_location=self.device)
+        try:
+            state = load_checkpoint(path, map_location=self.device)
+        except UNREADABLE as exc:  # torn or damaged at rest: start this run again from scratch
+            set_aside(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return False
         saved = dict(state["config"])
         current = self.config.model_dump(mode="json")
         # the budget may grow on resume; everything else must match
