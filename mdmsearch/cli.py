@@ -164,6 +164,13 @@ def _cmd_processes(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2), like every other mdmsearch error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _global_flags(p: argparse.ArgumentParser, suppress: bool) -> None:
     """-v/-q/--log-file, accepted before or after the sub-command."""
     default = {"default": argparse.SUPPRESS} if suppress else {}
@@ -175,7 +182,7 @@ def _global_flags(p: argparse.ArgumentParser, suppress: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
-    parser = argparse.ArgumentParser(prog="mdmsearch", description="Search, train and evaluate multivariate diffusions.")
+    parser = _Parser(prog="mdmsearch", description="Search, train and evaluate multivariate diffusions.")
     parser.add_argument("--version", action="version", version=f"mdmsearch {__version__}")
     _global_flags(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -10,7 +10,6 @@ from typing import Any, Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ..config import MAX_AUX, DataConfig, ModelConfig
-from ..diffusion.structure import D_PATTERNS, Q_PATTERNS, stable_hash
 from ..errors import ConfigError
 from ..yamlio import line_of, load_text, read_text
 
@@ -75,6 +74,8 @@ class StructureSpace(_Strict):
     @field_validator("q_patterns", "d_patterns")
     @classmethod
     def _patterns(cls, v, info):
+        from ..diffusion.structure import D_PATTERNS, Q_PATTERNS  # torch: only when patterns are given
+
         which, known = ("Q", Q_PATTERNS) if info.field_name == "q_patterns" else ("D", D_PATTERNS)
         if not v:
             raise ValueError("must not be empty")
@@ -192,6 +193,8 @@ class SearchSpec(_Strict):
         return keep
 
     def spec_hash(self) -> str:
+        from ..diffusion.structure import stable_hash
+
         return stable_hash(self.normalized())
 
     @property
