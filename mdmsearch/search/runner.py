@@ -149,8 +149,8 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
         log.warning("trial %d failed: %s", number, exc)
         return done("FAIL", None, reason=str(exc))
     except OSError as exc:  # disk full, quota, I/O error writing checkpoints or artifacts
-        reason = f"cannot write trial artifacts in {art_dir}: {exc.strerror or exc} (errno {exc.errno})"
-        log.warning("trial %d failed: %s", number, reason)
+        reason = f"cannot write trial artifacts: {exc.strerror or exc} (errno {exc.errno})"
+        log.warning("trial %d failed: %s (%s)", number, reason, exc.filename or art_dir)
         return done("FAIL", None, reason=reason, steps=trainer.step if trainer is not None else None)
     _write_curve(spec, number, trainer.history)
     trial.set_user_attr("test_bpd", metrics["test_bpd"])
