@@ -15,10 +15,9 @@ FORMAT = "%(asctime)s %(levelname)s{tag} %(name)s: %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S"
 
 # Warnings that dependencies raise on every run and that the user can do nothing about.
-_DEPENDENCY_WARNINGS = (
-    r".*is experimental \(supported from",  # optuna.exceptions.ExperimentalWarning
-    r".*Argument ``multivariate`` is an experimental feature",
-    r".*Argument ``group`` is an experimental feature",
+_DEPENDENCY_WARNINGS = (  # optuna.exceptions.ExperimentalWarning, matched by text (no optuna import here)
+    r".*is experimental \(supported from",
+    r".*is an experimental feature",
 )
 
 
@@ -61,3 +60,4 @@ def route_optuna() -> None:
 
     optuna.logging.disable_default_handler()
     optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(max(logging.getLogger().level, logging.INFO))  # -q silences its INFO lines
