@@ -40,8 +40,8 @@ from optuna.trial import TrialState
 from ..errors import MDMError
 from .plan import suggest_plan
 from .spec import SearchSpec
-from .study import (FINAL_ATTR, Heartbeat, count_trials, is_stale, make_sampler, make_storage, open_study, record_run,
-                    pid_alive, recover_stale, retry_trial, storage_url, study_lock)
+from .study import (FINAL_ATTR, Heartbeat, count_trials, is_stale, make_sampler, make_storage, open_study,
+                    pid_alive, record_run, recover_stale, retry_trial, storage_url, study_lock)
 
 log = logging.getLogger(__name__)
 
@@ -291,10 +291,16 @@ def _settle(spec: SearchSpec, study: optuna.Study, trial_id: int, number: int) -
     that died before telling.  Returns the state told, None if there was no row."""
     import pyarrow.parquet as pq
 
+    import pyarrow as pa
+
     path = _row_path(spec, number)
     if not path.exists():
         return None
-    row = pq.read_table(path).to_pylist()[0]
+    try:
+        row = pq.read_table(path).to_pylist()[0]
+    except (pa.ArrowException, OSError, IndexError) as exc:  # damaged at rest: retried like a missing row
+        log.warning("trial %d: unreadable leaderboard row %s (%s); the trial is retried", number, path, exc)
+        return None
     state = row["state"]
     try:
         if state in ("COMPLETE", "DUPLICATE") and row.get(METRIC) is not None:
