@@ -70,7 +70,7 @@ def normalize_storage(url: Optional[str], default_journal: Optional[Path], what:
 
 def _check_journal(path_text: str, what: str, given: str) -> str:
     if not path_text:
-        raise ConfigError(f"{what} {given}: journal: needs a file path (journal:PATH)")
+        raise ConfigError(f"{what} '{given}' has no file path; give journal:PATH")
     path = Path(path_text).expanduser()
     if path.is_dir():
         raise ConfigError(f"{what} {given}: {path} is a directory; give the journal file, e.g. {path / 'journal.log'}")

@@ -52,7 +52,7 @@ CASES = {
                                 "unknown database dialect"),
     "storage-sqlite-no-dir": ({"s.yaml": SPEC}, ["run", "s.yaml", "--storage", "sqlite:////nonexistent/mdm/x.db"],
                               "directory /nonexistent/mdm does not exist"),
-    "storage-journal-empty": ({"s.yaml": SPEC}, ["run", "s.yaml", "--storage", "journal:"], "needs a file path"),
+    "storage-journal-empty": ({"s.yaml": SPEC}, ["run", "s.yaml", "--storage", "journal:"], "'journal:' has no file path"),
     "storage-journal-dir": ({"s.yaml": SPEC, "d/keep": ""}, ["run", "s.yaml", "--storage", "journal:d"], "is a directory"),
     "storage-journal-under-file": ({"s.yaml": SPEC, "f": ""}, ["run", "s.yaml", "--storage", "f/journal.log"],
                                    "directory f: exists and is not a directory"),
