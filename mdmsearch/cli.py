@@ -12,60 +12,71 @@ from .errors import MDMError
 
 log = logging.getLogger("mdmsearch")
 
-# flag -> (config section, key, type)
+# flag -> (config section, key, type, help)
 _TRAIN_FLAGS = {
-    "dataset": ("data", "name", str),
-    "data_dir": ("data", "data_dir", str),
-    "download": ("data", "download", None),
-    "process": ("process", "name", str),
-    "n_aux": ("process", "n_aux", int),
-    "q_mask": ("process", "q_mask", str),
-    "d_mask": ("process", "d_mask", str),
-    "d_param": ("process", "d_param", str),
-    "beta_1": ("process", "beta_1", float),
-    "gamma": ("process", "gamma", float),
-    "model": ("model", "name", str),
-    "model_size": ("model", "size", str),
-    "parameterization": ("model", "parameterization", str),
-    "residual_stats": ("model", "residual_stats", str),
-    "batch_size": ("optim", "batch_size", int),
-    "lr": ("optim", "lr", float),
-    "process_lr": ("optim", "process_lr", float),
-    "steps": ("train", "steps", int),
-    "eval_every": ("train", "eval_every", int),
-    "time_sampler": ("train", "time_sampler", str),
-    "seed": ("train", "seed", int),
-    "device": ("train", "device", str),
-    "n_samples": ("train", "n_samples", int),
+    "dataset": ("data", "name", str, "dataset: gaussian, checkerboard, moons, 8gaussians, digits, mnist, cifar10, imagenet32"),
+    "data_dir": ("data", "data_dir", str, "directory with the dataset files (mnist, cifar10, imagenet32)"),
+    "download": ("data", "download", None, "download the dataset with torchvision when it is not on disk"),
+    "process": ("process", "name", str, "vpsde, cld, alda, malda (fixed) or learned"),
+    "n_aux": ("process", "n_aux", int, "auxiliary variables K of a learned process (0..6)"),
+    "q_mask": ("process", "q_mask", str, "Q sparsity pattern of a learned process: full, chain, none"),
+    "d_mask": ("process", "d_mask", str, "D sparsity pattern of a learned process: full, diag, chain, aux, last"),
+    "d_param": ("process", "d_param", str, "D parameterization of a learned process: full or diag"),
+    "beta_1": ("process", "beta_1", float, "noise schedule beta(t) at t = T"),
+    "gamma": ("process", "gamma", float, "variance of the auxiliary variables at t = 0"),
+    "model": ("model", "name", str, "score network: auto (mlp for vectors, unet for images), mlp, unet"),
+    "model_size": ("model", "size", str, "network size preset, e.g. tiny, small"),
+    "parameterization": ("model", "parameterization", str,
+                         "noise predictor: mixed (exact Gaussian part + network, the default) or eps (network alone)"),
+    "residual_stats": ("model", "residual_stats", str, "statistics of the Gaussian part: floored, pixel, global"),
+    "batch_size": ("optim", "batch_size", int, "training batch size"),
+    "lr": ("optim", "lr", float, "learning rate of the network"),
+    "process_lr": ("optim", "process_lr", float, "learning rate of Q and D (learned processes)"),
+    "steps": ("train", "steps", int, "training steps"),
+    "eval_every": ("train", "eval_every", int, "steps between validation + checkpoint"),
+    "time_sampler": ("train", "time_sampler", str, "distribution of t in training: uniform, vp, adaptive"),
+    "seed": ("train", "seed", int, "training seed"),
+    "device": ("train", "device", str, "auto, cpu, cuda, cuda:1, ..."),
+    "n_samples": ("train", "n_samples", int, "samples drawn into samples.png at the end (0 = none)"),
 }
 
 
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
-    for flag, (_, _, typ) in _TRAIN_FLAGS.items():
+    for flag, (_, _, typ, text) in _TRAIN_FLAGS.items():
         opt = "--" + flag.replace("_", "-")
         if typ is None:
-            p.add_argument(opt, action="store_true", default=None)
+            p.add_argument(opt, action="store_true", default=None, help=text)
         else:
-            p.add_argument(opt, type=typ, default=None)
+            p.add_argument(opt, type=typ, default=None, help=text)
 
 
 def _train_config(args: argparse.Namespace):
     from .config import load_yaml, parse_run_config
 
     data = load_yaml(args.config) if args.config else {}
-    for flag, (section, key, _) in _TRAIN_FLAGS.items():
+    flags = {}
+    for flag, (section, key, _, _) in _TRAIN_FLAGS.items():
         value = getattr(args, flag)
         if value is not None:
-            data.setdefault(section, {})[key] = value
-    if getattr(args, "quiet", False):
+            if not isinstance(data.setdefault(section, {}), dict):
+                raise MDMError(f"{args.config}: {section} must be a mapping")
+            data[section][key] = value
+            flags[(section, key)] = f"--{flag.replace('_', '-')} {value}" if typ_of(flag) else f"--{flag.replace('_', '-')}"
+    if getattr(args, "quiet", False) or getattr(args, "no_progress", False):
         data.setdefault("train", {})["progress"] = False
-    return parse_run_config(data, args.config or "flags")
+    return parse_run_config(data, args.config or "flags", flags)
+
+
+def typ_of(flag: str):
+    return _TRAIN_FLAGS[flag][2]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .preflight import check_writable_dir
     from .training import Trainer
 
     config = _train_config(args)
+    check_writable_dir(args.out, "--out")
     metrics = Trainer(config, args.out).fit(resume=args.resume)
     keys = ("val_bpd", "test_bpd", "steps", "train_seconds")
     sys.stdout.write(json.dumps({k: metrics[k] for k in keys}) + "\n")
@@ -79,7 +90,12 @@ def _load_trainer(run_dir: str):
     path = Path(run_dir) / CHECKPOINT
     if not path.exists():
         raise MDMError(f"{path}: no checkpoint (train with --out {run_dir} first)")
-    state = load_checkpoint(path, map_location="cpu")
+    from .training.checkpoint import UNREADABLE
+
+    try:
+        state = load_checkpoint(path, map_location="cpu")
+    except UNREADABLE as exc:
+        raise MDMError(f"{path}: damaged checkpoint ({type(exc).__name__}); re-train with --resume to restart it") from None
     config = parse_run_config(upgrade_saved_config(state["config"]), str(path))
     config.train.progress = False
     trainer = Trainer(config, run_dir)
@@ -151,33 +167,51 @@ def _cmd_processes(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2), like every other mdmsearch error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _global_flags(p: argparse.ArgumentParser, suppress: bool) -> None:
+    """-v/-q/--log-file, accepted before or after the sub-command."""
+    default = {"default": argparse.SUPPRESS} if suppress else {}
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (and dependency warnings)", **default)
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only; no progress bar", **default)
+    p.add_argument("--log-file", metavar="PATH", help="also append the log to PATH", **default)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mdmsearch", description="Search, train and evaluate multivariate diffusions.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
+    from . import __version__
+
+    parser = _Parser(prog="mdmsearch", description="Search, train and evaluate multivariate diffusions.")
+    parser.add_argument("--version", action="version", version=f"mdmsearch {__version__}")
+    _global_flags(parser, suppress=False)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train one diffusion (preset or learned structure)")
-    p.add_argument("config", nargs="?", help="YAML run config (optional; flags override it)")
+    p.add_argument("config", nargs="?", help="YAML run config (optional; flags override it), e.g. configs/digits_learned.yaml")
     p.add_argument("--out", required=True, help="output directory (checkpoint, metrics, Q/D, samples)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (also implied by -q)")
     _add_train_flags(p)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="BPD of a trained run on a split")
-    p.add_argument("run_dir")
-    p.add_argument("--split", choices=["val", "test"], default="test")
+    p.add_argument("run_dir", help="a directory written by `mdmsearch train --out`")
+    p.add_argument("--split", choices=["val", "test"], default="test", help="split to evaluate (default: test)")
     p.add_argument("--n", type=int, default=None, help="examples (default: the whole split)")
     p.add_argument("--n-t", type=int, default=32, help="stratified time samples per example")
     p.add_argument("--ode", action="store_true", help="also the probability-flow ODE likelihood (first 64 examples)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("sample", help="draw a sample grid from a trained run")
-    p.add_argument("run_dir")
-    p.add_argument("--n", type=int, default=64)
-    p.add_argument("--steps", type=int, default=500)
-    p.add_argument("--sampler", choices=["em", "ode"], default="em")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("run_dir", help="a directory written by `mdmsearch train --out`")
+    p.add_argument("--n", type=int, default=64, help="number of samples")
+    p.add_argument("--steps", type=int, default=500, help="solver steps")
+    p.add_argument("--sampler", choices=["em", "ode"], default="em", help="Euler-Maruyama (em) or probability-flow ODE")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/samples.png)")
     p.set_defaults(func=_cmd_sample)
 
@@ -189,19 +223,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_search_commands(sub)
     add_report_command(sub)
+    for name, subparser in sub.choices.items():
+        _global_flags(subparser, suppress=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .logs import setup_logging
+
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(levelname)s %(name)s: %(message)s")
     try:
+        setup_logging(getattr(args, "verbose", False), getattr(args, "quiet", False), getattr(args, "log_file", None))
         return int(args.func(args) or 0)
     except MDMError as exc:
         sys.stderr.write(f"mdmsearch: error: {exc}\n")
         return 2
+    except OSError as exc:  # an I/O failure outside the validated setup (disk full, permissions)
+        sys.stderr.write(f"mdmsearch: error: {exc}\n")
+        return 1
     except KeyboardInterrupt:
         sys.stderr.write("mdmsearch: interrupted\n")
         return 130

@@ -9,12 +9,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
 MaskSpec = Union[str, list[list[int]], None]
+MAX_AUX = 6  # the largest number of auxiliary variables, for run configs and search specs alike
+# keys of a search spec that a run config never has (a spec given to `train` says so)
+SPEC_ONLY_KEYS = ("study", "budget", "structure", "hyper", "sampler", "pruner", "objective", "baselines",
+                  "seeds", "n_trials", "workers", "storage", "studies_dir", "resources", "executor")
+LEARNED_ONLY = ("n_aux", "q_mask", "d_mask", "d_param", "learn", "q_init", "d_init", "init_noise")
 
 
 class _Strict(BaseModel):
@@ -25,7 +29,7 @@ class ProcessConfig(_Strict):
     """A preset ("vpsde", "cld", "alda", "malda") or a "learned" structure."""
 
     name: str = "vpsde"
-    n_aux: int = Field(1, ge=0, le=8, description="auxiliary variables K (learned only)")
+    n_aux: int = Field(1, ge=0, le=MAX_AUX, description="auxiliary variables K (learned only)")
     q_mask: MaskSpec = Field(None, description="pattern name or n x n 0/1 matrix; None = full")
     d_mask: MaskSpec = Field(None, description="pattern name or n x n 0/1 matrix; None = full")
     d_param: Literal["full", "diag"] = "full"
@@ -69,6 +73,23 @@ class ProcessConfig(_Strict):
             raise ValueError(f"init={self.init!r} has {k} auxiliary variable(s) but n_aux is {self.n_aux}")
         return self
 
+    @model_validator(mode="after")
+    def _learned_fields(self):
+        """Learned-only keys on a fixed process are an error, not silently ignored; masks are
+        checked against n = n_aux + 1 before any data is loaded."""
+        if self.name != "learned":
+            given = [f"{f}={getattr(self, f)!r}" for f in LEARNED_ONLY
+                     if f in self.model_fields_set and getattr(self, f) != type(self).model_fields[f].default]
+            if given:
+                raise ValueError(f"{', '.join(given)}: only for learned processes; {self.name!r} is a fixed "
+                                 "process (use name: learned to learn Q and D)")
+            return self
+        from .diffusion.structure import D_PATTERNS, Q_PATTERNS
+
+        for key, known in (("q_mask", Q_PATTERNS), ("d_mask", D_PATTERNS)):
+            _check_mask(key, getattr(self, key), self.n_aux + 1, known)
+        return self
+
     def common(self) -> dict[str, Any]:
         out = dict(schedule=self.schedule, beta_0=self.beta_0, beta_1=self.beta_1, gamma=self.gamma,
                    s_x2=self.s_x2, s_v2=self.s_v2, T=self.T)
@@ -86,6 +107,20 @@ class ProcessConfig(_Strict):
                 proc.requires_grad_(False)
             return proc
         return preset(self.name, **self.common())
+
+
+def _check_mask(key: str, mask: MaskSpec, n: int, patterns) -> None:
+    if mask is None:
+        return
+    if isinstance(mask, str):
+        if mask not in patterns:
+            raise ValueError(f"{key}: unknown pattern {mask!r}; available: {sorted(patterns)} or an n x n 0/1 matrix")
+        return
+    shape = [len(row) for row in mask]
+    if len(mask) != n or any(w != n for w in shape):
+        raise ValueError(f"{key}: must be {n} x {n} (n = n_aux + 1), got rows of lengths {shape}")
+    if any(v not in (0, 1) for row in mask for v in row):
+        raise ValueError(f"{key}: entries must be 0 or 1")
 
 
 class DataConfig(_Strict):
@@ -164,31 +199,36 @@ class RunConfig(_Strict):
         return self
 
 
-def format_validation_error(exc: ValidationError, source: str = "config") -> str:
-    parts = []
+def format_validation_error(exc: ValidationError, source: str = "config",
+                            flags: Optional[dict[tuple, str]] = None) -> str:
+    """One line; an error in a value that came from a flag names the flag (``flags`` maps a
+    location such as ("train", "steps") to "--steps 5")."""
+    parts, flag_parts = [], []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "<root>"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown key"
-        parts.append(f"{loc}: {msg}")
+        loc = tuple(err["loc"])
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        # the flag that set this value, or (for a section-level check) the flags that set its keys
+        key = ".".join(str(p) for p in loc)
+        flag = (f"{flags[loc]} ({key})" if loc in (flags or {}) else
+                " ".join(f for k, f in (flags or {}).items() if k[:len(loc)] == loc and loc))
+        if flag:
+            flag_parts.append(f"{flag}: {msg}")
+        else:
+            parts.append(f"{'.'.join(str(p) for p in loc) or '<root>'}: {msg}")
+    if flag_parts:
+        return "; ".join(flag_parts + parts)
     return f"{source}: " + "; ".join(parts)
 
 
 def load_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} invalid YAML: {getattr(exc, 'problem', exc)}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    """A run config file: one mapping, no duplicate keys, not empty, not a search spec."""
+    from .yamlio import load_text, read_text
+
+    data, _ = load_text(read_text(path, "run config"), str(path), "run config")
+    spec_keys = [k for k in SPEC_ONLY_KEYS if k in data]
+    if spec_keys:
+        raise ConfigError(f"{path}: this is a search spec (keys {', '.join(spec_keys[:4])}), not a run config; "
+                          f"run it with `mdmsearch run {path}`")
     return data
 
 
@@ -204,11 +244,11 @@ def upgrade_saved_config(data: dict) -> dict:
     return data
 
 
-def parse_run_config(data: dict, source: str = "config") -> RunConfig:
+def parse_run_config(data: dict, source: str = "config", flags: Optional[dict[tuple, str]] = None) -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+        raise ConfigError(format_validation_error(exc, source, flags)) from None
 
 
 def load_run_config(path: str | Path) -> RunConfig:

@@ -10,17 +10,19 @@ as one table (``dataset`` and ``study`` come from the partition directories).
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from .compare import distinct_seeds, paired, read_per_example, seed_mean
 from .errors import MDMError
 from .training.checkpoint import atomic_write
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2  # 2: parameterization, residual_stats
 
@@ -120,25 +122,49 @@ def write_curve(root: str | Path, dataset: str, study: str, trial: int, history:
 
 
 def read_tree(root: str | Path, dataset: str | None = None):
-    """The whole tree (or one dataset's part) as a pandas DataFrame; dataset/study as str."""
-    import pandas as pd
-
+    """The whole tree (or one dataset's part) as a pandas DataFrame; dataset/study as str.
+    An unreadable row file is skipped with one warning naming it (see :func:`read_files`)."""
     root = Path(root)
     target = root / f"dataset={dataset}" if dataset else root
     if not target.exists() or not any(target.rglob("*.parquet")):
         where = f"dataset {dataset!r} in {root}" if dataset else str(root)
         raise MDMError(f"no leaderboard results for {where}; run `mdmsearch run SPEC.yaml` first")
-    # one explicit schema: files written before a column existed read it as null (otherwise the
-    # first file's schema would silently decide which columns the whole tree has)
-    parts = [pa.field("study", pa.string())] if dataset else [pa.field("dataset", pa.string()), pa.field("study", pa.string())]
-    schema = pa.schema(list(SCHEMA) + parts)
-    df = pads.dataset(target, format="parquet", partitioning="hive", schema=schema).to_table().to_pandas()
+    # files written before a column existed lack it: concatenation leaves it null there
+    df = read_files(target, root)
     if dataset:
         df["dataset"] = dataset
-    for col in ("dataset", "study"):
-        if col in df.columns:
-            df[col] = df[col].astype(str)
     return df
+
+
+def read_files(target: str | Path, root: str | Path, what: str = "leaderboard row"):
+    """Every ``*.parquet`` file under ``target`` as one DataFrame, with the Hive partition
+    values of its path below ``root`` (``dataset=...``, ``study=...``) as string columns.
+
+    A damaged file (a disk error, a copy cut short) costs its own row only: it is skipped
+    and named in one warning, with the command that writes it again."""
+    import pandas as pd
+
+    target, root = Path(target), Path(root)
+    frames, bad = [], []
+    for path in sorted(target.rglob("*.parquet")):
+        try:
+            frame = pq.read_table(path).to_pandas()
+        except (pa.ArrowException, OSError) as exc:
+            bad.append((path, exc))
+            continue
+        for part in path.relative_to(root).parent.parts:
+            key, sep, value = part.partition("=")
+            if sep:
+                frame[key] = value
+        frames.append(frame)
+    if bad:
+        names = ", ".join(str(p) for p, _ in bad)
+        log.warning("skipped %d unreadable %s file(s): %s (%s); rewrite them with "
+                    "`mdmsearch rebuild STUDY --studies-dir DIR`", len(bad), what, names,
+                    str(bad[0][1]).splitlines()[0] if str(bad[0][1]) else type(bad[0][1]).__name__)
+    if not frames:
+        raise MDMError(f"no readable {what} files under {target}")
+    return pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
 
 
 def mask_json(mask) -> str:

@@ -166,6 +166,9 @@ def test_tiny_study_with_ray(ray_study):
     # ... and in the Optuna study, with the intermediate values at the real training steps
     study = _study(studies, "tiny-ray")
     _check_board_matches_study(df, study)
+    # the same study attributes as a local run (status has its ETA), objective named
+    assert study.user_attrs["n_trials"] == 6 and study.user_attrs["workers"] >= 1
+    assert study.user_attrs["executor"] == "ray" and study.metric_names == ["val_bpd"]
     trained = set(df[df["state"].isin(["COMPLETE", "PRUNED"])]["trial"])
     for t in study.get_trials(deepcopy=False):
         if t.number in trained:  # (DUPLICATE and INVALID trials do not train)

@@ -165,7 +165,7 @@ def test_cli_train_digits_end_to_end(tmp_path):
         (["--dataset", "mnist", "--data-dir", "/nonexistent/mnist"], "mnist"),
         (["--dataset", "nope"], "unknown dataset"),
         (["--process", "learned", "--n-aux", "-1"], "n_aux"),
-        (["--steps", "0"], "train.steps"),
+        (["--steps", "0"], "--steps 0"),
     ],
 )
 def test_cli_errors_are_one_line(args, needle, tmp_path):

@@ -5,7 +5,14 @@ from the Parquet leaderboard tree, the learning curves, trial artifacts and Optu
     build_report("studies/leaderboard", "digits", "reports")   # -> reports/digits/index.html
 """
 
-from .build import build_report, build_reports
-from .data import aggregate, datasets_in, leaderboard_table, margin_sentence
+_EXPORTS = {"build_report": ".build", "build_reports": ".build", "aggregate": ".data", "datasets_in": ".data",
+            "leaderboard_table": ".data", "margin_sentence": ".data"}
+__all__ = list(_EXPORTS)
 
-__all__ = ["build_report", "build_reports", "datasets_in", "aggregate", "leaderboard_table", "margin_sentence"]
+
+def __getattr__(name):  # lazy: the command line imports this package without loading pandas and matplotlib up front
+    import importlib
+
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -71,13 +71,15 @@ def load_rows(root: str | Path, dataset: str):
 
 def load_curves(root: str | Path, dataset: str):
     """Learning curves of the dataset (columns study, trial, step, val_bpd, ...), or None."""
-    import pandas as pd
+    from ..leaderboard import read_files
 
     target = curves_root_for(root) / f"dataset={dataset}"
     if not target.is_dir() or not any(target.rglob("*.parquet")):
         return None
-    df = pd.read_parquet(target)
-    df["study"] = df["study"].astype(str)
+    try:
+        df = read_files(target, curves_root_for(root), "learning-curve")
+    except MDMError:  # every curve file unreadable: the report notes missing curves
+        return None
     return df.sort_values(["study", "trial", "step"]).reset_index(drop=True)
 
 

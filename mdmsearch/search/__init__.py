@@ -1,9 +1,14 @@
 """The outer loop: search-space specs, Optuna studies, executors, leaderboards."""
 
-from .plan import TrialPlan, suggest_plan
-from .runner import execute_trial, run_local, worker_loop
-from .spec import SearchSpec, load_spec, parse_spec
-from .study import count_trials, open_study, recover_stale
+_EXPORTS = {"TrialPlan": ".plan", "suggest_plan": ".plan", "execute_trial": ".runner", "run_local": ".runner",
+            "worker_loop": ".runner", "SearchSpec": ".spec", "load_spec": ".spec", "parse_spec": ".spec",
+            "count_trials": ".study", "open_study": ".study", "recover_stale": ".study"}
+__all__ = list(_EXPORTS)
 
-__all__ = ["SearchSpec", "load_spec", "parse_spec", "TrialPlan", "suggest_plan", "execute_trial", "run_local",
-           "worker_loop", "open_study", "recover_stale", "count_trials"]
+
+def __getattr__(name):  # lazy: the command line imports this package without loading torch and Optuna up front
+    import importlib
+
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

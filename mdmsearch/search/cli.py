@@ -15,40 +15,59 @@ def add_search_commands(sub) -> None:
     p.add_argument("spec", help="search-space YAML, e.g. search_spaces/aux3.yaml")
     p.add_argument("--n-trials", type=int, default=None, help="finished trials the study should reach")
     p.add_argument("--workers", type=int, default=None, help="worker processes on this machine")
-    p.add_argument("--storage", default=None, help="Optuna storage URL (default: journal file in studies/<study>/)")
+    p.add_argument("--storage", default=None, help="journal:PATH, PATH.log (journal file) or an SQLAlchemy URL such as sqlite:///optuna.db (default: studies/<study>/journal.log)")
     p.add_argument("--dataset", default=None, help="override the spec's dataset")
     p.add_argument("--studies-dir", default=None, help="where studies live (default: studies/)")
-    p.add_argument("--executor", choices=["local", "ray"], default=None)
+    p.add_argument("--executor", choices=["local", "ray"], default=None, help="local processes or Ray Tune")
     p.add_argument("--address", default=None, help="Ray cluster address (with --executor ray), e.g. auto")
     p.add_argument("--time-budget", type=float, default=None, help="seconds after which no new trial starts")
     p.add_argument("--allow-spec-change", action="store_true", help="resume a study whose spec changed")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("status", help="trials by state, best so far, ETA")
-    p.add_argument("study")
-    p.add_argument("--studies-dir", default="studies")
-    p.add_argument("--storage", default=None)
+    p.add_argument("study", help="study name (the spec's `study:`)")
+    p.add_argument("--studies-dir", default="studies", help="where studies live (default: studies/)")
+    p.add_argument("--storage", default=None, help="storage URL if not the study's journal file (as given to run)")
+    p.add_argument("--format", choices=["text", "json"], default="text", help="text lines or one JSON object")
     p.set_defaults(func=_cmd_status)
 
+    p = sub.add_parser("rebuild", help="rewrite missing or damaged leaderboard rows from the study and trial artifacts")
+    p.add_argument("study", help="study name (the spec's `study:`)")
+    p.add_argument("--studies-dir", default="studies", help="where studies live (default: studies/)")
+    p.add_argument("--storage", default=None, help="storage URL if not the study's journal file (as given to run)")
+    p.add_argument("--leaderboard-dir", default=None, help="leaderboard tree (default: STUDIES_DIR/leaderboard)")
+    p.set_defaults(func=_cmd_rebuild)
+
     p = sub.add_parser("leaderboard", help="top structures per dataset from the Parquet leaderboard")
-    p.add_argument("--dataset", default=None)
-    p.add_argument("--root", default="studies/leaderboard", help="leaderboard tree")
-    p.add_argument("--top", type=int, default=20)
-    p.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    p.add_argument("--dataset", default=None, help="one dataset (default: all)")
+    p.add_argument("--root", default="studies/leaderboard", help="leaderboard tree (default: studies/leaderboard)")
+    p.add_argument("--top", type=int, default=20, help="rows per dataset")
+    p.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                   help="table, csv, or json (one array of records over all datasets)")
     p.set_defaults(func=_cmd_leaderboard)
 
 
 def _load(args):
+    """The spec with the flags applied, validated, and the setup checked (storage, directories,
+    dataset) before anything is created."""
+    from ..preflight import check_search
     from .spec import load_spec
 
     overrides = {"n_trials": args.n_trials, "workers": args.workers, "storage": args.storage,
                  "dataset": args.dataset, "studies_dir": args.studies_dir, "executor": args.executor,
                  "time_budget_s": args.time_budget}
-    return load_spec(args.spec, overrides)
+    spec = load_spec(args.spec, overrides)
+    if args.address and spec.executor != "ray":
+        raise MDMError(f"--address {args.address}: only with --executor ray (or executor: ray in the spec)")
+    return check_search(spec, {k: v is not None for k, v in overrides.items()})
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from ..logs import options as log_options
+    from ..logs import route_optuna
+
     spec = _load(args)
+    route_optuna()
     if spec.executor == "ray":
         from .ray_executor import run_ray
 
@@ -56,48 +75,109 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         from .runner import run_local
 
-        counts = run_local(spec, allow_spec_change=args.allow_spec_change, verbose=args.verbose)
+        counts = run_local(spec, allow_spec_change=args.allow_spec_change, log_options=log_options(args))
     sys.stdout.write(json.dumps({"study": spec.study, **counts}) + "\n")
+    if counts.get("failed"):
+        return _report_failures(spec, counts)
+    return 0
+
+
+def _report_failures(spec, counts: dict) -> int:
+    """A study with FAILed trials is not a successful run: exit 1 with how many and why."""
+    import optuna
+
+    from .study import failure_summary, make_storage, storage_url
+
+    study = optuna.load_study(study_name=spec.study, storage=make_storage(storage_url(spec)))
+    sys.stderr.write(f"mdmsearch: error: {counts['failed']} of {counts['decided']} decided trials FAILED "
+                     f"({failure_summary(study)}); see `mdmsearch status {spec.study}`\n")
+    return 1
+
+
+def _existing_study(args: argparse.Namespace):
+    """Load the study named on the command line (status, rebuild); one line if there is none."""
+    import optuna
+
+    from ..logs import route_optuna
+    from ..preflight import journal_path, normalize_storage
+    from .study import make_storage
+
+    route_optuna()
+    url = normalize_storage(args.storage, Path(args.studies_dir) / args.study / "journal.log")
+    if journal_path(url) is not None and not journal_path(url).is_file():
+        raise MDMError(f"no study {args.study!r} under {args.studies_dir}/ (run `mdmsearch run SPEC.yaml` first)")
+    try:
+        return optuna.load_study(study_name=args.study, storage=make_storage(url))
+    except KeyError:
+        raise MDMError(f"no study {args.study!r} in {url}") from None
+
+
+def _cmd_rebuild(args: argparse.Namespace) -> int:
+    from .rebuild import rebuild, spec_of
+
+    study = _existing_study(args)
+    result = rebuild(spec_of(study, args.studies_dir, args.leaderboard_dir), study)
+    sys.stdout.write(json.dumps(result) + "\n")
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    import optuna
+    study = _existing_study(args)
+    info = study_status(study)
+    if args.format == "json":
+        sys.stdout.write(json.dumps(info) + "\n")
+    else:
+        sys.stdout.write("\n".join(_status_lines(info)) + "\n")
+    return 0
+
+
+def study_status(study) -> dict:
+    """Counts by state, decided trials with FAILs apart, the best trial, timing and ETA."""
     from optuna.trial import TrialState
 
-    from .study import FINAL_ATTR, make_storage
+    from .study import count_trials, failure_summary
 
-    url = args.storage or f"journal:{Path(args.studies_dir) / args.study / 'journal.log'}"
-    if url.startswith("journal:") and not Path(url[len("journal:"):]).exists():
-        raise MDMError(f"no study {args.study!r} under {args.studies_dir}/ (run `mdmsearch run SPEC.yaml` first)")
-    try:
-        study = optuna.load_study(study_name=args.study, storage=make_storage(url))
-    except KeyError:
-        raise MDMError(f"no study {args.study!r} in {url}") from None
     trials = study.get_trials(deepcopy=False)
     by_state: dict[str, int] = {}
     for t in trials:
         by_state[t.state.name] = by_state.get(t.state.name, 0) + 1
-    finished = [t for t in trials if t.state.is_finished() and t.user_attrs.get(FINAL_ATTR)]
-    target = study.user_attrs.get("n_trials")
-    workers = max(1, int(study.user_attrs.get("workers", 1)))
-    done_times = [(t.datetime_complete - t.datetime_start).total_seconds() for t in finished
-                  if t.datetime_complete and t.datetime_start and t.state == TrialState.COMPLETE]
+    counts = count_trials(study)
+    info = {"study": study.study_name, "trials": len(trials), "states": dict(sorted(by_state.items())),
+            "finished": counts["finished"], "failed": counts["failed"], "running": counts["running"],
+            "waiting": counts["waiting"], "target": study.user_attrs.get("n_trials"),
+            "workers": max(1, int(study.user_attrs.get("workers", 1))), "executor": study.user_attrs.get("executor"),
+            "failures": failure_summary(study) if counts["failed"] else None, "best": None,
+            "mean_trial_seconds": None, "eta_seconds": None}
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
-    lines = [f"study {args.study}: {len(trials)} trials  " + "  ".join(f"{k}={v}" for k, v in sorted(by_state.items())),
-             f"finished (counted): {len(finished)}"]
     if complete:
         best = min(complete, key=lambda t: t.values[0])
-        label = best.user_attrs.get("baseline") or f"learned {json.dumps({k: v for k, v in best.params.items()})}"
-        lines.append(f"best so far: trial {best.number} val_bpd={best.values[0]:.4f} ({label})")
-    if done_times:
-        mean = sum(done_times) / len(done_times)
-        lines.append(f"mean trial time: {mean:.1f}s")
-        if target:
-            left = max(0, target - len(finished))
-            lines.append(f"ETA for {target} finished trials with {workers} worker(s): {left * mean / workers:.0f}s")
-    sys.stdout.write("\n".join(lines) + "\n")
-    return 0
+        label = best.user_attrs.get("baseline") or f"learned {json.dumps(dict(best.params))}"
+        info["best"] = {"trial": best.number, "val_bpd": best.values[0], "label": label}
+    times = [(t.datetime_complete - t.datetime_start).total_seconds() for t in complete
+             if t.datetime_complete and t.datetime_start]
+    if times:
+        info["mean_trial_seconds"] = sum(times) / len(times)
+        if info["target"]:
+            left = max(0, int(info["target"]) - counts["decided"])
+            info["eta_seconds"] = left * info["mean_trial_seconds"] / info["workers"]
+    return info
+
+
+def _status_lines(info: dict) -> list[str]:
+    lines = [f"study {info['study']}: {info['trials']} trials  "
+             + "  ".join(f"{k}={v}" for k, v in info["states"].items()),
+             f"finished (counted): {info['finished']}" + (f" of {info['target']}" if info["target"] else "")]
+    if info["failed"]:
+        lines.append(f"FAILED: {info['failed']} ({info['failures']})")
+    if info["best"]:
+        b = info["best"]
+        lines.append(f"best so far: trial {b['trial']} val_bpd={b['val_bpd']:.4f} ({b['label']})")
+    if info["mean_trial_seconds"] is not None:
+        lines.append(f"mean trial time: {info['mean_trial_seconds']:.1f}s")
+    if info["eta_seconds"] is not None:
+        lines.append(f"ETA for {info['target']} decided trials with {info['workers']} worker(s): "
+                     f"{info['eta_seconds']:.0f}s")
+    return lines
 
 
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
@@ -109,17 +189,22 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     view = ranked(df)
     if view.empty:
         raise MDMError("no completed trials in the leaderboard yet")
+    cols = ["label", "val_bpd", "val_std", "test_bpd", "n", "vs_baseline", "vs_baseline_se", "verdict", "steps",
+            "train_seconds", "studies", "trials"]
+    parts = [part.head(args.top) for _, part in view.groupby("dataset")]
+    if args.format == "json":  # one JSON document (an array of records), whatever the number of datasets
+        records = []
+        for part in parts:
+            records.extend(json.loads(part[["dataset"] + cols].to_json(orient="records")))
+        sys.stdout.write(json.dumps(records) + "\n")
+        return 0
+    if args.format == "csv":
+        sys.stdout.write(pd.concat(parts)[["dataset"] + cols].to_csv(index=False))
+        return 0
     out = []
-    for ds, part in view.groupby("dataset"):
-        part = part.head(args.top)
-        cols = ["label", "val_bpd", "val_std", "test_bpd", "n", "vs_baseline", "vs_baseline_se", "verdict", "steps",
-                "train_seconds", "studies", "trials"]
-        if args.format == "csv":
-            out.append(part[["dataset"] + cols].to_csv(index=False))
-        elif args.format == "json":
-            out.append(part[["dataset"] + cols].to_json(orient="records"))
-        else:
-            with pd.option_context("display.width", 200, "display.max_colwidth", 60):
-                out.append(f"== {ds} ==\n" + part[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+    for part in parts:
+        with pd.option_context("display.width", 200, "display.max_colwidth", 60):
+            out.append(f"== {part['dataset'].iloc[0]} ==\n"
+                       + part[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
     sys.stdout.write("\n".join(out) + "\n")
     return 0

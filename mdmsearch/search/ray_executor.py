@@ -41,7 +41,7 @@ from ..errors import MDMError
 from .plan import suggest_plan
 from .spec import SearchSpec
 from .study import (FINAL_ATTR, Heartbeat, count_trials, is_stale, make_sampler, make_storage, open_study,
-                    pid_alive, recover_stale, retry_trial, storage_url, study_lock)
+                    pid_alive, record_run, recover_stale, retry_trial, storage_url, study_lock)
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,7 @@ if _HAVE_RAY:
             spec = SearchSpec.model_validate_json(self._mdm_spec_json)
             with study_lock(spec):
                 counts = count_trials(self._ot_study)
-                if counts["finished"] + counts["running"] >= _TARGETS.get(spec.study, self._mdm_n_trials):
+                if counts["decided"] + counts["running"] >= _TARGETS.get(spec.study, self._mdm_n_trials):
                     return Searcher.FINISHED
                 if _past_deadline(spec.study):  # like the local workers: running trials finish
                     log.info("time budget of %.0fs used up: no new trials", spec.time_budget_s or 0)
@@ -291,10 +291,16 @@ def _settle(spec: SearchSpec, study: optuna.Study, trial_id: int, number: int) -
     that died before telling.  Returns the state told, None if there was no row."""
     import pyarrow.parquet as pq
 
+    import pyarrow as pa
+
     path = _row_path(spec, number)
     if not path.exists():
         return None
-    row = pq.read_table(path).to_pylist()[0]
+    try:
+        row = pq.read_table(path).to_pylist()[0]
+    except (pa.ArrowException, OSError, IndexError) as exc:  # damaged at rest: retried like a missing row
+        log.warning("trial %d: unreadable leaderboard row %s (%s); the trial is retried", number, path, exc)
+        return None
     state = row["state"]
     try:
         if state in ("COMPLETE", "DUPLICATE") and row.get(METRIC) is not None:
@@ -385,7 +391,7 @@ def _fit(spec: SearchSpec, study: optuna.Study, trainable) -> None:
     ray_dir = spec.study_dir / "ray"
     for _ in range(MAX_ROUNDS):
         before = count_trials(study)
-        if before["finished"] >= spec.n_trials or _past_deadline(spec.study):
+        if before["decided"] >= spec.n_trials or _past_deadline(spec.study):
             return
         k, path = _latest_experiment(ray_dir)
         tuner, keep = None, set()
@@ -416,10 +422,10 @@ def _fit(spec: SearchSpec, study: optuna.Study, trainable) -> None:
                            "re-run the same command to continue")
         (path / DONE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
         after = count_trials(study)
-        if after["finished"] >= spec.n_trials or _past_deadline(spec.study):
+        if after["decided"] >= spec.n_trials or _past_deadline(spec.study):
             return
-        if after["finished"] <= before["finished"] and not restored:  # (a restored one may have been done)
-            if after["finished"] + after["running"] >= spec.n_trials:
+        if after["decided"] <= before["decided"] and not restored:  # (a restored one may have been done)
+            if after["decided"] + after["running"] >= spec.n_trials:
                 return  # the rest is running elsewhere (another driver or local workers)
             raise MDMError(f"the Ray experiment {path} made no progress; see the trial logs under it")
     raise MDMError(f"gave up after {MAX_ROUNDS} Ray experiments without reaching {spec.n_trials} trials")
@@ -435,13 +441,14 @@ def run_ray(spec: SearchSpec, address: Optional[str] = None, allow_spec_change: 
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     spec = absolute_spec(spec)
     study = open_study(spec, allow_spec_change=allow_spec_change)
+    record_run(study, spec, "ray")  # the same attributes as a local run (status, ETA)
     counts = count_trials(study)
     _TARGETS[spec.study] = spec.n_trials
     if spec.time_budget_s:
         _DEADLINES[spec.study] = time.time() + spec.time_budget_s
     else:
         _DEADLINES.pop(spec.study, None)
-    if counts["finished"] < spec.n_trials:
+    if counts["decided"] < spec.n_trials:
         started = False
         if not ray.is_initialized():
             if address:

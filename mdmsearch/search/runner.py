@@ -23,7 +23,8 @@ from ..training import Trainer
 from ..training.checkpoint import atomic_write_json
 from .plan import TrialPlan, suggest_plan
 from .spec import SearchSpec
-from .study import FINAL_ATTR, Heartbeat, count_trials, open_study, recover_stale, study_lock
+from .study import (FINAL_ATTR, OUTCOME_ATTR, Heartbeat, count_trials, open_study, record_run, recover_stale,
+                    study_lock)
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,12 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
     def done(state: str, values, reason: Optional[str] = None, **extra) -> TrialOutcome:
         row.update(state=state, reason=reason, wall_seconds=time.perf_counter() - t0,
                    finished_at=datetime.now(timezone.utc), **extra)
-        write_trial(spec.leaderboard_root, spec.data.name, spec.study, row)
+        try:
+            write_trial(spec.leaderboard_root, spec.data.name, spec.study, row)
+        except OSError as exc:  # full disk: the study still learns the outcome; the row can be rebuilt
+            log.warning("trial %d: leaderboard row not written (%s); once there is space, "
+                        "`mdmsearch rebuild %s` writes it", number, exc, spec.study)
+        trial.set_user_attr(OUTCOME_ATTR, state)
         trial.set_user_attr(FINAL_ATTR, True)
         if reason:
             trial.set_user_attr("reason", reason)
@@ -123,9 +129,10 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
                         test_bpd=first.get("test_bpd"), steps=first.get("steps"))
 
     config = plan.run_config(spec)
-    atomic_write_json(art_dir / "plan.json", {"plan": plan.__dict__, "trial": number})
     reporter = report or _optuna_reporter(trial)
+    trainer = None
     try:
+        atomic_write_json(art_dir / "plan.json", {"plan": plan.__dict__, "trial": number})
         with Heartbeat(art_dir, number):
             trainer = Trainer(config, art_dir, callback=reporter, data=load_data(spec))
             if trainer.try_resume():
@@ -135,14 +142,18 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
             metrics = trainer.fit(resume=False)
     except optuna.TrialPruned:
         last = trainer.history[-1] if trainer.history else {}
-        write_curve(spec.curves_root, spec.data.name, spec.study, number, trainer.history)
+        _write_curve(spec, number, trainer.history)
         return done("PRUNED", None, reason=f"pruned at step {trainer.step}", val_bpd=last.get("val_bpd"),
                     best_val_bpd=trainer.best_val, steps=trainer.step, train_seconds=trainer.train_seconds,
                     n_params=trainer.n_params)
     except MDMError as exc:  # NaN loss, failed Cholesky, invalid process: a decided failure
         log.warning("trial %d failed: %s", number, exc)
         return done("FAIL", None, reason=str(exc))
-    write_curve(spec.curves_root, spec.data.name, spec.study, number, trainer.history)
+    except OSError as exc:  # disk full, quota, I/O error writing checkpoints or artifacts
+        reason = f"cannot write trial artifacts: {exc.strerror or exc} (errno {exc.errno})"
+        log.warning("trial %d failed: %s (%s)", number, reason, exc.filename or art_dir)
+        return done("FAIL", None, reason=reason, steps=trainer.step if trainer is not None else None)
+    _write_curve(spec, number, trainer.history)
     trial.set_user_attr("test_bpd", metrics["test_bpd"])
     trial.set_user_attr("steps", metrics["steps"])
     values = [metrics["val_bpd"]]
@@ -153,6 +164,13 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
                 prior_kl_per_dim=metrics["prior_kl_per_dim"], steps=metrics["steps"],
                 train_seconds=metrics["train_seconds"], n_params=metrics["n_params"],
                 Q=_json(metrics["Q"]), D=_json(metrics["D"]))
+
+
+def _write_curve(spec: SearchSpec, number: int, history: list[dict]) -> None:
+    try:
+        write_curve(spec.curves_root, spec.data.name, spec.study, number, history)
+    except OSError as exc:  # the trial's result stands; `mdmsearch rebuild` writes the curve later
+        log.warning("trial %d: learning curve not written (%s)", number, exc)
 
 
 def _optuna_reporter(trial):
@@ -190,7 +208,7 @@ def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = Fal
         with study_lock(spec):
             recover_stale(study)
             counts = count_trials(study)
-            if counts["finished"] + counts["running"] >= spec.n_trials:
+            if counts["decided"] + counts["running"] >= spec.n_trials:
                 break
             trial = study.ask()
             # claim it before releasing the lock: the artifact dir + a first heartbeat
@@ -236,25 +254,28 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _worker_main(spec_json: str, worker: int, allow_spec_change: bool, verbose: bool) -> None:
+def _worker_main(spec_json: str, worker: int, allow_spec_change: bool, log_options: dict) -> None:
+    from ..logs import route_optuna, setup_logging
+
     _die_with_parent()
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format=f"%(levelname)s w{worker} %(name)s: %(message)s")
+    setup_logging(**log_options, tag=f"w{worker}")
+    route_optuna()
     spec = SearchSpec.model_validate_json(spec_json)
     worker_loop(spec, worker, allow_spec_change)
 
 
-def run_local(spec: SearchSpec, *, allow_spec_change: bool = False, verbose: bool = False) -> dict:
+def run_local(spec: SearchSpec, *, allow_spec_change: bool = False, verbose: bool = False,
+              log_options: Optional[dict] = None) -> dict:
     """Run the study with ``spec.workers`` processes on this machine; returns the final counts."""
     study = open_study(spec, allow_spec_change=allow_spec_change)  # validates/creates once, up front
-    study.set_user_attr("n_trials", spec.n_trials)  # for `mdmsearch status` (ETA)
-    study.set_user_attr("workers", spec.workers)
+    record_run(study, spec, "local")  # for `mdmsearch status` (ETA)
     t0 = time.perf_counter()
     if spec.workers == 1:
         worker_loop(spec, 0, allow_spec_change)
     else:
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker_main, args=(spec.model_dump_json(), i, allow_spec_change, verbose),
+        procs = [ctx.Process(target=_worker_main, args=(spec.model_dump_json(), i, allow_spec_change,
+                                                                 log_options or {"verbose": verbose}),
                              name=f"mdmsearch-worker-{i}") for i in range(spec.workers)]
         for p in procs:
             p.start()

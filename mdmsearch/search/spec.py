@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import DataConfig, ModelConfig
-from ..diffusion.structure import D_PATTERNS, Q_PATTERNS, stable_hash
+from ..config import MAX_AUX, DataConfig, ModelConfig
 from ..errors import ConfigError
+from ..yamlio import line_of, load_text, read_text
 
 BASELINES = ("vpsde", "cld", "alda", "malda")
-MAX_AUX = 6
+RESOURCE_KEYS = ("cpu", "gpu")
 
 
 class _Strict(BaseModel):
@@ -74,6 +74,8 @@ class StructureSpace(_Strict):
     @field_validator("q_patterns", "d_patterns")
     @classmethod
     def _patterns(cls, v, info):
+        from ..diffusion.structure import D_PATTERNS, Q_PATTERNS  # torch: only when patterns are given
+
         which, known = ("Q", Q_PATTERNS) if info.field_name == "q_patterns" else ("D", D_PATTERNS)
         if not v:
             raise ValueError("must not be empty")
@@ -132,7 +134,7 @@ class PrunerSpec(_Strict):
 
 
 class SearchSpec(_Strict):
-    study: str = Field(..., pattern=r"^[A-Za-z0-9_.-]+$")
+    study: str = Field(..., description="study name: letters, digits, _ . -")
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     budget: Budget = Field(default_factory=Budget)
@@ -151,6 +153,24 @@ class SearchSpec(_Strict):
     leaderboard_dir: Optional[str] = Field(None, description="default: <studies_dir>/leaderboard")
     resources: dict[str, float] = Field(default_factory=lambda: {"cpu": 1, "gpu": 0}, description="per-trial resources (Ray)")
     executor: Literal["local", "ray"] = "local"
+
+    @field_validator("study")
+    @classmethod
+    def _study_name(cls, v):
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", v) or v in (".", ".."):
+            raise ValueError(f"study name {v!r} may only use letters, digits, '_', '.' and '-' (it names a directory)")
+        return v
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v):
+        bad = sorted(set(v) - set(RESOURCE_KEYS))
+        if bad:
+            raise ValueError(f"unknown resource key(s) {bad}; allowed: {', '.join(RESOURCE_KEYS)}")
+        neg = {k: x for k, x in v.items() if x < 0}
+        if neg:
+            raise ValueError(f"resources must be >= 0, got {neg}")
+        return v
 
     @field_validator("baselines")
     @classmethod
@@ -177,6 +197,8 @@ class SearchSpec(_Strict):
         return keep
 
     def spec_hash(self) -> str:
+        from ..diffusion.structure import stable_hash
+
         return stable_hash(self.normalized())
 
     @property
@@ -193,86 +215,66 @@ class SearchSpec(_Strict):
 
 
 # ---------------------------------------------------------------------- loading
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that remembers the line of every mapping key."""
+# override key -> (the flag that sets it, the spec location it lands in)
+FLAGS = {"n_trials": ("--n-trials", ("n_trials",)), "workers": ("--workers", ("workers",)),
+         "storage": ("--storage", ("storage",)), "dataset": ("--dataset", ("data", "name")),
+         "studies_dir": ("--studies-dir", ("studies_dir",)), "executor": ("--executor", ("executor",)),
+         "time_budget_s": ("--time-budget", ("time_budget_s",))}
+RUN_CONFIG_ONLY = ("process", "optim", "train")  # top-level keys of a run config, never of a spec
 
 
-def _construct_mapping(loader, node, deep=False):
-    mapping = {}
-    lines = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=deep)
-        mapping[key] = loader.construct_object(value_node, deep=deep)
-        lines[key] = key_node.start_mark.line + 1
-    loader._mdm_lines[id(mapping)] = lines
-    return mapping
+def _where(loc: tuple, data: dict, lines: dict, flags: dict) -> str:
+    """``key (line N)`` for a value from the YAML, ``--flag VALUE`` for one from a flag."""
+    for flag_loc, (flag, value) in flags.items():
+        if loc[:len(flag_loc)] == flag_loc:
+            return f"{flag} {value} ({'.'.join(str(p) for p in loc)})"
+    key = ".".join(str(p) for p in loc) or "<root>"
+    line = line_of(data, lines, loc)
+    return f"{key}{f' (line {line})' if line else ''}"
 
 
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def _load_with_lines(text: str, source: str) -> tuple[dict, dict]:
-    loader = _LineLoader(text)
-    loader._mdm_lines = {}
-    try:
-        data = loader.get_single_data()
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}:" if mark is not None else ""
-        raise ConfigError(f"{source}:{where} invalid YAML: {getattr(exc, 'problem', None) or exc}") from None
-    finally:
-        loader.dispose()
-    if data is None:
-        raise ConfigError(f"{source}: empty spec")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
-    return data, loader._mdm_lines
-
-
-def _line_of(data: dict, lines: dict, loc: tuple) -> Optional[int]:
-    node, line = data, None
-    for part in loc:
-        if isinstance(node, dict) and part in node:
-            line = lines.get(id(node), {}).get(part, line)
-            node = node[part]
-        elif isinstance(node, list) and isinstance(part, int) and part < len(node):
-            node = node[part]
-        else:
-            break
-    return line
-
-
-def parse_spec(data: dict, source: str = "spec", lines: Optional[dict] = None) -> SearchSpec:
+def parse_spec(data: dict, source: str = "spec", lines: Optional[dict] = None,
+               flags: Optional[dict] = None) -> SearchSpec:
+    """Validate a spec mapping; ``flags`` maps a location to the (flag, value) that set it."""
     try:
         return SearchSpec.model_validate(data)
     except ValidationError as exc:
-        parts = []
+        parts, flag_parts = [], []
         for err in exc.errors():
             loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-")))
-            key = ".".join(str(p) for p in loc) or "<root>"
-            line = _line_of(data, lines or {}, loc)
             msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            msg = msg.removeprefix("Value error, ")
-            parts.append(f"{key}{f' (line {line})' if line else ''}: {msg}")
+            where = _where(loc, data, lines or {}, flags or {})
+            (flag_parts if where.startswith("--") else parts).append(f"{where}: {msg.removeprefix('Value error, ')}")
+        if flag_parts:  # a bad flag is the user's latest typing: report it first, without the file
+            raise ConfigError("; ".join(flag_parts + parts)) from None
         raise ConfigError(f"{source}: " + "; ".join(parts)) from None
 
 
+def check_spec_kind(data: dict, source: str) -> None:
+    """A run config given to ``run`` says so instead of listing unknown keys."""
+    run_keys = [k for k in RUN_CONFIG_ONLY if k in data]
+    if run_keys and "study" not in data:
+        raise ConfigError(f"{source}: this is a run config (keys {', '.join(run_keys)}), not a search spec; "
+                          f"train it with `mdmsearch train {source} --out DIR`")
+
+
 def load_spec(path: str | Path, overrides: Optional[dict[str, Any]] = None) -> SearchSpec:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such spec file")
-    data, lines = _load_with_lines(path.read_text(), str(path))
+    text = read_text(path, "spec file")
+    data, lines = load_text(text, str(path), "spec")
+    check_spec_kind(data, str(path))
+    flags = {}
     for key, value in (overrides or {}).items():
         if value is None:
             continue
+        flag, loc = FLAGS.get(key, ("--" + key.replace("_", "-"), (key,)))
+        flags[loc] = (flag, value)
         if key == "dataset":
-            data.setdefault("data", {})
-            if not isinstance(data["data"], dict):
+            if not isinstance(data.setdefault("data", {}), dict):
                 raise ConfigError(f"{path}: data must be a mapping")
             data["data"]["name"] = value
         else:
             data[key] = value
-    return parse_spec(data, str(path), lines)
+    return parse_spec(data, str(path), lines, flags)
 
 
 def spec_summary(spec: SearchSpec) -> str:

@@ -34,14 +34,60 @@ def storage_url(spec: SearchSpec) -> str:
 
 
 def make_storage(url: str):
-    """A journal file path (``journal:PATH``) or any Optuna RDB URL."""
+    """A journal file path (``journal:PATH``) or any Optuna RDB URL.  A journal whose tail was
+    torn by a crash is repaired first (see :func:`repair_journal`)."""
     if url.startswith("journal:"):
         path = Path(url[len("journal:"):])
         path.parent.mkdir(parents=True, exist_ok=True)
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+        lock = JournalFileOpenLock(str(path))
+        if path.exists():
+            repair_journal(path, lock)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
     return optuna.storages.RDBStorage(url)
+
+
+def _first_bad_line(data: bytes) -> Optional[int]:
+    """Byte offset of the first journal line that is torn (no newline) or not JSON, else None."""
+    offset = 0
+    for line in data.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            return offset
+        try:
+            json.loads(line)
+        except ValueError:
+            return offset
+        offset += len(line)
+    return None
+
+
+def repair_journal(path: Path, lock) -> Optional[Path]:
+    """Cut a journal at its first torn or undecodable line, after backing the whole file up
+    (``<journal>.torn-<time>``); returns the backup or None if the file was sound.
+
+    Runs under Optuna's own journal lock, which every writer holds while appending: a torn
+    line found then was left by a writer that died mid-write (kill -9, power loss, full disk),
+    never by one still writing.  Without the cut, the next append would glue a complete record
+    to the torn one and make every later read fail."""
+    lock.acquire()
+    try:
+        data = path.read_bytes()
+        bad = _first_bad_line(data)
+        if bad is None:
+            return None
+        backup = path.with_name(f"{path.name}.torn-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}")
+        backup.write_bytes(data)
+        with open(path, "r+b") as fh:
+            fh.truncate(bad)
+            fh.flush()
+            os.fsync(fh.fileno())
+        dropped = data[bad:].count(b"\n") + (0 if data.endswith(b"\n") else 1)
+        log.warning("%s: torn or damaged record at byte %d (a crash during a write?): cut off %d line(s); "
+                    "the original is kept as %s", path, bad, dropped, backup.name)
+        return backup
+    finally:
+        lock.release()
 
 
 def make_sampler(spec: SearchSpec, worker: int = 0):
@@ -140,6 +186,8 @@ def open_study(spec: SearchSpec, *, allow_spec_change: bool = False, create: boo
                                         pruner=make_pruner(spec), directions=directions(spec))
             fresh = True
         h = spec.spec_hash()
+        if study.metric_names is None:  # a dashboard shows "val_bpd", not "Objective 0"
+            study.set_metric_names(metric_names(spec))
         if fresh:
             study.set_user_attr("spec_hash", h)
             study.set_user_attr("spec", spec.normalized())
@@ -254,9 +302,49 @@ def recover_stale(study: optuna.Study) -> list[int]:
     return retried
 
 
+OUTCOME_ATTR = "outcome"  # user attr: COMPLETE | PRUNED | FAIL | INVALID | DUPLICATE (INVALID is told as FAIL)
+
+
+def is_failed(t: optuna.trial.FrozenTrial) -> bool:
+    """A decided trial that failed (not an INVALID structure, which is also told as FAIL)."""
+    if not (t.state == TrialState.FAIL and t.user_attrs.get(FINAL_ATTR)):
+        return False
+    return t.user_attrs.get(OUTCOME_ATTR, "FAIL") == "FAIL"
+
+
 def count_trials(study: optuna.Study) -> dict[str, int]:
+    """finished: decided trials that did not fail; failed: decided FAILs; decided: both (what the
+    stop rule counts, so that a search whose trials fail still ends)."""
     trials = study.get_trials(deepcopy=False)
-    finished = sum(1 for t in trials if t.state.is_finished() and t.user_attrs.get(FINAL_ATTR))
+    decided = [t for t in trials if t.state.is_finished() and t.user_attrs.get(FINAL_ATTR)]
+    failed = sum(1 for t in decided if is_failed(t))
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
-    return {"finished": finished, "running": running, "waiting": waiting, "total": len(trials)}
+    return {"finished": len(decided) - failed, "failed": failed, "decided": len(decided), "running": running,
+            "waiting": waiting, "total": len(trials)}
+
+
+def failure_summary(study: optuna.Study, limit: int = 3, width: int = 160) -> str:
+    """One line: the failed trials grouped by reason, e.g. "trials 3, 5: non-finite loss ..."."""
+    by_reason: dict[str, list[int]] = {}
+    for t in study.get_trials(deepcopy=False):
+        if is_failed(t):
+            reason = str(t.user_attrs.get("reason") or "no reason recorded")
+            reason = reason.splitlines()[0] if reason.strip() else "no reason recorded"
+            by_reason.setdefault(reason[:width], []).append(t.number)
+    parts = [f"trial{'s' if len(n) > 1 else ''} {', '.join(map(str, n))}: {r}"
+             for r, n in sorted(by_reason.items(), key=lambda kv: -len(kv[1]))[:limit]]
+    if len(by_reason) > limit:
+        parts.append(f"{len(by_reason) - limit} other reason(s)")
+    return "; ".join(parts)
+
+
+def metric_names(spec: SearchSpec) -> list[str]:
+    return [spec.objective.metric] + ([spec.objective.second] if spec.objective.second else [])
+
+
+def record_run(study: optuna.Study, spec: SearchSpec, executor: str) -> None:
+    """Study attributes every executor sets (for `mdmsearch status` and dashboards)."""
+    study.set_user_attr("n_trials", spec.n_trials)
+    study.set_user_attr("workers", spec.workers)
+    study.set_user_attr("executor", executor)

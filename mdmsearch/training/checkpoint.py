@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import os
+import pickle
 import tempfile
+import time
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -49,12 +56,28 @@ def _jsonable(obj):
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
-    """torch.save, atomically."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """torch.save, atomically.  Serialized in memory first, so that a failed write (disk full,
+    file size limit) is an OSError with its errno rather than torch's generic RuntimeError."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path, buf.getbuffer())
+
+
+# what torch.load raises on a truncated or overwritten file
+UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, zipfile.BadZipFile)
 
 
 def load_checkpoint(path: str | Path, map_location=None) -> dict:
     return torch.load(path, map_location=map_location, weights_only=False)
+
+
+def set_aside(path: str | Path, why: str) -> Path:
+    """Rename a damaged file to ``<name>.corrupt-<time>`` (kept for inspection, never read again)."""
+    path = Path(path)
+    dest = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, dest)
+    log.warning("%s cannot be loaded (%s): moved aside to %s", path, why, dest.name)
+    return dest
 
 
 def write_parquet_atomic(frame, path: str | Path) -> None:

@@ -29,7 +29,8 @@ from ..nets import build_network, count_parameters
 from ..objectives import elbo, make_time_sampler
 from ..objectives.residual import GaussianStats, ResidualEps, residual_stats
 from ..objectives.time_sampling import AdaptiveTime
-from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint, write_parquet_atomic
+from .checkpoint import (UNREADABLE, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint, set_aside,
+                         write_parquet_atomic)
 from .ema import EMA
 from .evaluate import data_moments, evaluate_bpd, prepare_batch
 
@@ -223,7 +224,11 @@ class Trainer:
         path = self.out_dir / CHECKPOINT
         if not path.exists():
             return False
-        state = load_checkpoint(path, map_location=self.device)
+        try:
+            state = load_checkpoint(path, map_location=self.device)
+        except UNREADABLE as exc:  # torn or damaged at rest: start this run again from scratch
+            set_aside(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return False
         self._check_parameterization(state)
         saved = upgrade_saved_config(state["config"])
         current = self.config.model_dump(mode="json")

@@ -1,0 +1,146 @@
+"""Checks made before anything is created: storage URLs, writable directories, datasets.
+
+Every failure is one :class:`~mdmsearch.errors.ConfigError` line that names the flag or
+key the value came from; nothing is written on disk by a failing check.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from .errors import ConfigError, MDMError
+
+JOURNAL_PREFIX = "journal:"
+JOURNAL_SUFFIXES = (".log", ".jsonl", ".journal")
+STORAGE_FORMS = ("journal:PATH, a PATH ending in .log, or an SQLAlchemy URL such as sqlite:///optuna.db "
+                 "or postgresql://user:pass@host/db")
+# driver module -> the pip package that provides it
+_DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "'psycopg[binary]'", "MySQLdb": "mysqlclient",
+                    "pymysql": "pymysql", "asyncpg": "asyncpg", "oracledb": "oracledb", "pyodbc": "pyodbc"}
+
+
+def _existing_ancestor(path: Path) -> Path:
+    path = Path(os.path.abspath(path))
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_writable_dir(path: str | Path, what: str) -> Path:
+    """``path`` is, or can be created as, a directory we can write in; nothing is left behind."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{what} {path}: exists and is not a directory")
+    base = _existing_ancestor(path)
+    if not base.is_dir():
+        raise ConfigError(f"{what} {path}: cannot create it, {base} is a file")
+    try:  # access() is not enough (root, read-only mounts, /proc): really create and remove a probe
+        probe = tempfile.mkdtemp(prefix=".mdmsearch-probe-", dir=base)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot write in {base}: {exc.strerror or exc}") from None
+    return path
+
+
+def journal_path(url: str) -> Optional[Path]:
+    """The journal file of a ``journal:PATH`` URL, else None."""
+    return Path(url[len(JOURNAL_PREFIX):]) if url.startswith(JOURNAL_PREFIX) else None
+
+
+def normalize_storage(url: Optional[str], default_journal: Optional[Path], what: str = "--storage") -> str:
+    """The storage URL in the form :func:`mdmsearch.search.study.make_storage` takes
+    (``journal:PATH`` or an SQLAlchemy URL), checked: a journal's file can be created, an RDB
+    URL parses and its driver is installed, a SQLite file's directory exists."""
+    if url is None:
+        if default_journal is None:
+            raise ConfigError(f"{what}: no storage given")
+        return f"{JOURNAL_PREFIX}{default_journal}"
+    url = url.strip()
+    if url.startswith(JOURNAL_PREFIX):
+        return _check_journal(url[len(JOURNAL_PREFIX):], what, url)
+    if "://" in url:
+        return _check_rdb(url, what)
+    if url.endswith(JOURNAL_SUFFIXES) or Path(url).is_file():
+        return _check_journal(url, what, url)  # a bare journal path, as optuna-dashboard takes it
+    raise ConfigError(f"{what} {url}: not a storage URL; give {STORAGE_FORMS}")
+
+
+def _check_journal(path_text: str, what: str, given: str) -> str:
+    if not path_text:
+        raise ConfigError(f"{what} '{given}' has no file path; give journal:PATH")
+    path = Path(path_text).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{what} {given}: {path} is a directory; give the journal file, e.g. {path / 'journal.log'}")
+    check_writable_dir(path.parent, f"{what} {given}: directory")
+    return f"{JOURNAL_PREFIX}{path}"
+
+
+def _check_rdb(url: str, what: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        parsed = make_url(url)
+        dialect = parsed.get_dialect()
+    except NoSuchModuleError:
+        raise ConfigError(f"{what} {url}: unknown database dialect {url.split(':', 1)[0]!r}") from None
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigError(f"{what} {url}: malformed database URL ({_first_line(exc)}); "
+                          f"give {STORAGE_FORMS}") from None
+    try:
+        dialect.import_dbapi()
+    except ImportError as exc:
+        module = exc.name or str(exc)
+        raise ConfigError(f"{what} {_redact(url)}: the database driver {module!r} is not installed "
+                          f"(pip install {_DRIVER_PACKAGES.get(module, module)})") from None
+    if parsed.get_backend_name() == "sqlite":
+        db = parsed.database
+        if db and db != ":memory:" and not db.startswith("file:"):
+            path = Path(db)
+            if path.is_dir():
+                raise ConfigError(f"{what} {url}: {path} is a directory")
+            if not path.parent.is_dir():
+                raise ConfigError(f"{what} {url}: directory {path.parent} does not exist")
+            check_writable_dir(path.parent, f"{what} {url}: directory")
+    return url
+
+
+def _redact(url: str) -> str:
+    """A parsed URL without its password (only called on URLs that parse)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def check_search(spec, flags: dict[str, bool]):
+    """Everything a search needs, checked before a study exists; returns the spec with its
+    storage URL normalized.  ``flags[key]`` says whether the value came from a flag."""
+    def name(key: str, flag: str) -> str:
+        return flag if flags.get(key) else key
+
+    url = normalize_storage(spec.storage, spec.study_dir / "journal.log", name("storage", "--storage"))
+    check_writable_dir(spec.studies_dir, name("studies_dir", "--studies-dir"))
+    if spec.leaderboard_dir:
+        check_writable_dir(spec.leaderboard_dir, "leaderboard_dir")
+    check_dataset(spec)
+    return spec if spec.storage is None else spec.model_copy(update={"storage": url})
+
+
+def check_dataset(spec) -> None:
+    """Load the spec's dataset once (the local executor keeps it cached): missing or unreadable
+    files are the same failure for every trial, so a setup error, before any study exists."""
+    from .search.runner import load_data
+
+    try:
+        load_data(spec)
+    except MDMError:  # DatasetUnavailableError, CorruptDatasetError: already one line
+        raise
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ConfigError(f"data.name {spec.data.name}: cannot load the dataset: {_first_line(exc)}") from None

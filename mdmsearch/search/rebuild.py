@@ -1,0 +1,113 @@
+"""`mdmsearch rebuild STUDY`: write again the leaderboard rows (and learning curves) that are
+missing or unreadable, from the Optuna study and the trial artifacts.
+
+A row is a function of the trial (parameters, state, user attributes) and of what the trial
+wrote in its artifact directory (``metrics.json``, ``history.csv``), so a row lost to a disk
+error or a copy cut short can be recomputed; readable rows are left alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from datetime import timezone
+from pathlib import Path
+from typing import Optional
+
+import optuna
+import pyarrow as pa
+import pyarrow.parquet as pq
+from optuna.trial import TrialState
+
+from ..errors import MDMError
+from ..leaderboard import write_curve, write_trial
+from .plan import suggest_plan
+from .runner import _base_row, _json
+from .spec import SearchSpec
+from .study import FINAL_ATTR, OUTCOME_ATTR
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("val_bpd", "val_bpd_se", "test_bpd", "best_val_bpd", "prior_kl_per_dim", "steps", "train_seconds",
+               "n_params")
+
+
+def spec_of(study: optuna.Study, studies_dir: str, leaderboard_dir: Optional[str] = None) -> SearchSpec:
+    """The spec a study was created with (stored in the study), pointed at ``studies_dir``."""
+    stored = study.user_attrs.get("spec")
+    if not stored:
+        raise MDMError(f"study {study.study_name!r} has no stored spec (not created by mdmsearch run)")
+    return SearchSpec.model_validate({**stored, "studies_dir": studies_dir, "leaderboard_dir": leaderboard_dir})
+
+
+def readable(path: Path) -> bool:
+    try:
+        pq.read_table(path)
+    except (pa.ArrowException, OSError):
+        return False
+    return True
+
+
+def _utc(dt):
+    return dt.astimezone(timezone.utc) if dt is not None else None
+
+
+def _state(t: optuna.trial.FrozenTrial) -> str:
+    return t.user_attrs.get(OUTCOME_ATTR) or {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED"}.get(
+        t.state, "FAIL")
+
+
+def row_from_trial(spec: SearchSpec, t: optuna.trial.FrozenTrial, executor: str) -> dict:
+    plan = suggest_plan(optuna.trial.FixedTrial(dict(t.params), number=t.number), spec,
+                        baseline=t.user_attrs.get("baseline"))
+    row = _base_row(spec, t.number, plan, executor, _utc(t.datetime_start))
+    art = Path(t.user_attrs.get("artifact_dir", spec.study_dir / "trials" / str(t.number)))
+    row.update(state=_state(t), reason=t.user_attrs.get("reason"), retry_of=t.user_attrs.get("retry_of"),
+               duplicate_of=t.user_attrs.get("duplicate_of"), artifact_dir=str(art),
+               finished_at=_utc(t.datetime_complete))
+    if t.datetime_start and t.datetime_complete:
+        row["wall_seconds"] = (t.datetime_complete - t.datetime_start).total_seconds()
+    if t.values:
+        row["val_bpd"] = t.values[0]
+    row["test_bpd"], row["steps"] = t.user_attrs.get("test_bpd"), t.user_attrs.get("steps")
+    metrics_path = art / "metrics.json"
+    if row["state"] == "COMPLETE" and metrics_path.is_file():
+        try:
+            metrics = json.loads(metrics_path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("trial %d: %s unreadable (%s); row rebuilt from the study only", t.number, metrics_path, exc)
+        else:
+            row.update({k: metrics[k] for k in METRIC_KEYS if k in metrics})
+            row.update(Q=_json(metrics.get("Q")), D=_json(metrics.get("D")))
+    return row
+
+
+def read_history(path: Path) -> Optional[list[dict]]:
+    if not path.is_file():
+        return None
+    with open(path, newline="") as fh:
+        return [{k: (float(v) if v not in ("", None) else None) for k, v in r.items()} for r in csv.DictReader(fh)]
+
+
+def rebuild(spec: SearchSpec, study: optuna.Study) -> dict:
+    """Rewrite missing/unreadable rows and curves of the decided trials; returns what was done."""
+    executor = study.user_attrs.get("executor", "local")
+    rows, curves, kept = [], [], 0
+    for t in study.get_trials(deepcopy=False):
+        if not (t.state.is_finished() and t.user_attrs.get(FINAL_ATTR)):
+            continue
+        part = Path(f"dataset={spec.data.name}") / f"study={spec.study}" / f"trial-{t.number}.parquet"
+        if (spec.leaderboard_root / part).exists() and readable(spec.leaderboard_root / part):
+            kept += 1
+        else:
+            write_trial(spec.leaderboard_root, spec.data.name, spec.study, row_from_trial(spec, t, executor))
+            rows.append(t.number)
+        curve = spec.curves_root / part
+        if not (curve.exists() and readable(curve)):
+            art = Path(t.user_attrs.get("artifact_dir", spec.study_dir / "trials" / str(t.number)))
+            history = read_history(art / "history.csv")
+            if history:
+                write_curve(spec.curves_root, spec.data.name, spec.study, t.number, history)
+                curves.append(t.number)
+    return {"study": spec.study, "rows_written": rows, "curves_written": curves, "rows_kept": kept}
