@@ -42,7 +42,7 @@ def test_docs_stay_inside_the_project(path):
     text = path.read_text()
     assert "../shared" not in text and "/work/" not in text
     for target in re.findall(r"\]\(([^)#\s]+)\)", text):
-        if "://" in target or target == "gaussian-residual.md":  # the latter is written with issue 11
+        if "://" in target:
             continue
         assert (path.parent / target).exists(), f"{path.name} links to a missing {target}"
 
