@@ -147,8 +147,9 @@ class DataConfig(_Strict):
 class ModelConfig(_Strict):
     name: str = Field("auto", description="'auto' = mlp for vectors, unet for images")
     size: str = "tiny"
-    parameterization: Literal["eps", "mixed"] = Field(
-        "mixed", description="'mixed': eps_hat = exact Gaussian-data noise prediction + network; 'eps': network alone")
+    parameterization: Literal["auto", "eps", "mixed"] = Field(
+        "mixed", description="'mixed': eps_hat = exact Gaussian-data noise prediction + network; 'eps': network "
+                             "alone; 'auto': mixed with auxiliary variables, eps without (K = 0)")
     residual_stats: Literal["pixel", "floored", "global"] = Field(
         "floored", description="data statistics of the Gaussian part (mixed only): per coordinate, per coordinate "
                                "with variances floored at 0.1x the global one, or one global mean and variance")
@@ -230,6 +231,14 @@ def load_yaml(path: str | Path) -> dict:
         raise ConfigError(f"{path}: this is a search spec (keys {', '.join(spec_keys[:4])}), not a run config; "
                           f"run it with `mdmsearch run {path}`")
     return data
+
+
+def resolve_parameterization(name: str, n_aux: int) -> str:
+    """The noise predictor a run uses: 'auto' is 'mixed' for processes with auxiliary variables
+    (whose Gaussian part the network would otherwise relearn) and 'eps' for K = 0."""
+    if name == "auto":
+        return "mixed" if n_aux > 0 else "eps"
+    return name
 
 
 def upgrade_saved_config(data: dict) -> dict:

@@ -244,3 +244,13 @@ def test_checkpoint_keeps_stats_and_refuses_the_other_parameterization(tmp_path)
     state = torch.load(out / "checkpoint.pt", weights_only=False)
     with pytest.raises(ConfigError, match="parameterization"):
         other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("process, want", [("vpsde", "eps"), ("cld", "mixed")])
+def test_auto_parameterization_is_mixed_only_with_auxiliaries(process, want, tmp_path):
+    cfg = _tiny_config("auto")
+    cfg.process.name = process
+    trainer = Trainer(cfg, tmp_path / process)
+    assert trainer.parameterization == want
+    assert isinstance(trainer.model, ResidualEps) == (want == "mixed")
+    assert trainer.state_dict()["parameterization"] == want

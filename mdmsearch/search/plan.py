@@ -153,7 +153,7 @@ def suggest_plan(trial, spec: SearchSpec, baseline: Optional[str] = None) -> Tri
     hyper["parameterization"] = _choice(trial, "parameterization", options["parameterization"])
     # the statistics mean nothing without the Gaussian part: not suggested (no aliases) for eps
     hyper["residual_stats"] = (_choice(trial, "residual_stats", options["residual_stats"])
-                               if hyper["parameterization"] == "mixed" else None)
+                               if hyper["parameterization"] != "eps" else None)
     seed = int(_choice(trial, "seed", list(spec.seeds)))
     if baseline:
         n_aux = {"vpsde": 0, "cld": 1, "alda": 2, "malda": 2}[baseline]

@@ -16,6 +16,7 @@ import torch
 from optuna.trial import TrialState
 
 from .. import __version__
+from ..config import resolve_parameterization
 from ..data import DataBundle, load_dataset
 from ..errors import MDMError
 from ..leaderboard import mask_json, write_curve, write_trial
@@ -61,11 +62,17 @@ def _base_row(spec: SearchSpec, number: int, plan: TrialPlan, executor: str, sta
         "params": _json(plan.params),
         "lr": plan.hyper["lr"], "process_lr": plan.hyper["process_lr"], "gamma": plan.hyper["gamma"],
         "beta_1": plan.hyper["beta_1"], "time_sampler": plan.hyper["time_sampler"],
-        "parameterization": plan.hyper["parameterization"], "residual_stats": plan.hyper["residual_stats"],
+        **_predictor(plan),
         "budget_steps": spec.budget.steps, "executor": executor, "spec_hash": spec.spec_hash(),
         "started_at": started, "mdmsearch_version": __version__, "torch_version": torch.__version__,
         "optuna_version": optuna.__version__,
     }
+
+
+def _predictor(plan: TrialPlan) -> dict:
+    """The noise predictor the trial trains with ('auto' resolved by its number of auxiliaries)."""
+    par = resolve_parameterization(plan.hyper["parameterization"], plan.n_aux)
+    return {"parameterization": par, "residual_stats": plan.hyper["residual_stats"] if par == "mixed" else None}
 
 
 def _json(obj) -> str:

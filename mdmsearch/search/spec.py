@@ -91,7 +91,7 @@ class HyperSpace(_Strict):
     gamma: FloatRange = Field(default_factory=lambda: FloatRange(value=0.01))
     beta_1: FloatRange = Field(default_factory=lambda: FloatRange(value=10.0))
     time_sampler: list[Literal["uniform", "vp", "adaptive"]] = Field(default_factory=lambda: ["vp"])
-    parameterization: Optional[list[Literal["eps", "mixed"]]] = Field(
+    parameterization: Optional[list[Literal["auto", "eps", "mixed"]]] = Field(
         None, min_length=1, description="noise predictors to search; default: model.parameterization alone")
     residual_stats: Optional[list[Literal["pixel", "floored", "global"]]] = Field(
         None, min_length=1, description="Gaussian-part statistics to search (mixed only); default: model.residual_stats")

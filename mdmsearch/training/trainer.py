@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import yaml
 
-from ..config import RunConfig, upgrade_saved_config
+from ..config import RunConfig, resolve_parameterization, upgrade_saved_config
 from ..data import DataBundle, load_dataset
 from ..diffusion.process import LinearMDM
 from ..errors import ConfigError, NonFiniteLossError
@@ -73,8 +73,9 @@ class Trainer:
                                  **config.model.options).to(self.device)
         # the noise predictor the ELBO, evaluation and samplers see: the network, or the exact
         # Gaussian-data prediction plus the network (statistics of the training split, fixed)
+        self.parameterization = resolve_parameterization(config.model.parameterization, self.process.n_aux)
         self.model = (ResidualEps(self.net, self._residual_stats()).to(self.device)
-                      if config.model.parameterization == "mixed" else self.net)
+                      if self.parameterization == "mixed" else self.net)
         self.train_x = self.data.train.to(self.device)
         self.time_sampler = make_time_sampler(tc.time_sampler, self.process, t_min=tc.t_min)
         self.eval_sampler = make_time_sampler("adaptive" if tc.time_sampler == "adaptive" else "vp",
@@ -175,7 +176,7 @@ class Trainer:
             "best_val": self.best_val,
             "running_loss": self.running_loss,
             "net": self.net.state_dict(),
-            "parameterization": self.config.model.parameterization,
+            "parameterization": self.parameterization,
             "residual_stats": self.residual.state_dict() if self.residual is not None else None,
             "process": self.process.state_dict(),
             "ema": self.ema.state_dict(),
@@ -190,9 +191,9 @@ class Trainer:
 
     def _check_parameterization(self, state: dict) -> None:
         saved = state.get("parameterization", "eps")  # checkpoints before the residual were eps
-        if saved != self.config.model.parameterization:
+        if saved != self.parameterization:
             raise ConfigError(f"checkpoint was written with model.parameterization={saved!r}, but this run uses "
-                              f"{self.config.model.parameterization!r}; the network outputs mean different things")
+                              f"{self.parameterization!r}; the network outputs mean different things")
 
     def load_state_dict(self, state: dict) -> None:
         self._check_parameterization(state)
