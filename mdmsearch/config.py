@@ -174,7 +174,8 @@ class TrainConfig(_Strict):
     # One t per example leaves a Monte Carlo error of several bpd per example (CLD on digits:
     # ~4.7 bpd, i.e. 0.3 bpd on the mean of 270 examples); stratified t-samples cut it.
     eval_n_t: int = Field(8, gt=0, description="stratified time samples per example in validation")
-    test_n_t: int = Field(32, gt=0, description="stratified time samples per example in the final test evaluation")
+    test_n_t: int = Field(32, gt=0, description="stratified time samples per example in the final evaluation of the "
+                                                "validation and test splits (the one runs are ranked and paired by)")
     time_sampler: Literal["uniform", "vp", "adaptive"] = "vp"
     adaptive_refresh: int = Field(100, gt=0, description="steps between re-tabulations of the adaptive p(t)")
     t_min: float = Field(1e-3, gt=0, lt=1)

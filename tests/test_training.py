@@ -138,11 +138,12 @@ def test_cli_train_digits_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 6 and math.isfinite(summary["val_bpd"]) and math.isfinite(summary["test_bpd"])
-    for name in ("checkpoint.pt", "metrics.json", "history.csv", "process.json", "qd.png", "samples.png", "config.yaml"):
+    for name in ("checkpoint.pt", "metrics.json", "history.csv", "process.json", "qd.png", "samples.png", "config.yaml",
+                 "per_example.parquet", "residual_stats.json"):
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"val_bpd", "test_bpd", "Q", "D", "train_seconds"} <= set(metrics)
-    assert (metrics["val_n_t"], metrics["test_n_t"]) == (8, 32)  # stratified t-samples per example
+    assert (metrics["val_n_t"], metrics["test_n_t"]) == (32, 32)  # final evaluation: test_n_t on both splits
     assert (out / "samples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # resume with a larger budget, then evaluate and sample from the checkpoint
     proc = subprocess.run(cmd + ["--steps", "9", "--resume"],

@@ -107,7 +107,8 @@ class Budget(_Strict):
     eval_every: int = Field(100, gt=0)
     eval_examples: int = Field(270, gt=0)
     eval_n_t: int = Field(8, gt=0, description="stratified time samples per validation example (the objective's noise)")
-    test_n_t: int = Field(32, gt=0, description="stratified time samples per test example (final evaluation)")
+    test_n_t: int = Field(32, gt=0, description="stratified time samples per example in the final evaluation of the "
+                                                "validation and test splits (ranking, paired comparisons)")
     batch_size: int = Field(64, gt=0)
     t_min: float = Field(1e-3, gt=0, lt=1)
     n_samples: int = Field(64, ge=0)
