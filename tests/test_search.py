@@ -464,3 +464,23 @@ def test_a_running_trial_keeps_its_heartbeat(tmp_path, monkeypatch):
     times = [b["time"] for b in beats]
     assert times == sorted(times) and len(set(times)) == 3  # refreshed between evaluations
     assert not study_mod.is_stale(study.trials[trial.number])  # alive: never recovered by others
+
+
+def test_config_hash_drops_what_cannot_change_the_run():
+    """Aliases share a dedupe key: gamma without auxiliary variables, 'auto' resolved by K."""
+    from mdmsearch.search.plan import TrialPlan
+    from mdmsearch.search.spec import SearchSpec
+
+    spec = SearchSpec.model_validate({"study": "h"})
+
+    def plan(n_aux, gamma, par="mixed", stats="floored", baseline=None):
+        hyper = {"lr": 2e-3, "process_lr": 1e-2, "gamma": gamma, "beta_1": 10.0, "time_sampler": "vp",
+                 "parameterization": par, "residual_stats": stats}
+        masks = ([[0] * (n_aux + 1) for _ in range(n_aux + 1)], [[1] * (n_aux + 1) for _ in range(n_aux + 1)])
+        return TrialPlan(baseline, 0, n_aux, "full", "full", "full", True, *masks, hyper)
+
+    assert plan(0, 0.01).config_hash(spec) == plan(0, 0.04).config_hash(spec)
+    assert plan(1, 0.01).config_hash(spec) != plan(1, 0.04).config_hash(spec)
+    assert plan(0, 0.01, "auto").config_hash(spec) == plan(0, 0.01, "eps", None).config_hash(spec)
+    assert plan(1, 0.01, "auto").config_hash(spec) == plan(1, 0.01, "mixed").config_hash(spec)
+    assert plan(1, 0.01, "eps", None).config_hash(spec) != plan(1, 0.01, "mixed").config_hash(spec)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..config import RunConfig, parse_run_config
+from ..config import RunConfig, parse_run_config, resolve_parameterization
 from ..errors import CholeskyError
 from ..diffusion.structure import StructureCheck, check_matrices, check_structure, d_pattern, q_pattern, stable_hash
 from .spec import FloatRange, SearchSpec
@@ -85,8 +85,19 @@ class TrialPlan:
 
     def config_hash(self, spec: SearchSpec, with_seed: bool = True) -> str:
         """Structure + hyperparameters + budget (+ seed): equal hashes with the seed train
-        identically (dedupe key); without it they group the seeds of one configuration."""
-        key = {"process": self.process_config(), "hyper": self.hyper,
+        identically (dedupe key); without it they group the seeds of one configuration.
+
+        Normalized first, so that aliases of one run share a hash: without auxiliary variables
+        gamma (their initial variance) changes nothing, and 'auto' is the predictor it resolves to."""
+        process, hyper = self.process_config(), dict(self.hyper)
+        if self.n_aux == 0:
+            process.pop("gamma", None)
+            hyper.pop("gamma", None)
+        if "parameterization" in hyper:
+            hyper["parameterization"] = resolve_parameterization(hyper["parameterization"], self.n_aux)
+            if hyper["parameterization"] == "eps":
+                hyper["residual_stats"] = None
+        key = {"process": process, "hyper": hyper,
                "budget": spec.budget.model_dump(mode="json", exclude={"device", "threads"}),
                "data": spec.data.model_dump(mode="json"), "model": spec.model.model_dump(mode="json")}
         if with_seed:

@@ -95,8 +95,10 @@ def make_sampler(spec: SearchSpec, worker: int = 0):
     parallel workers would propose identical random start-up trials."""
     s = spec.sampler.model_copy(update={"seed": spec.sampler.seed + worker})
     if s.name == "tpe":
+        # with several workers, running trials count as a pessimistic value ("constant liar"), so
+        # parallel workers do not all propose the point TPE currently likes best
         return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials,
-                                          multivariate=True, group=True)
+                                          multivariate=True, group=True, constant_liar=spec.workers > 1)
     if s.name == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.name == "gp":
