@@ -278,7 +278,8 @@ def test_importances_from_the_optuna_study(tiny, tmp_path):
         assert not info.importances and "at least two parameters" in info.importance_note
     else:
         assert info.importance_note is None, info.importance_note
-        assert info.importances and set(info.importances) <= varying
+        # a parameter that never varies among complete trials can carry importance, but only zero
+        assert info.importances and {k for k, v in info.importances.items() if v > 0} <= varying
         assert math.isclose(sum(info.importances.values()), 1.0, rel_tol=1e-6)
     missing = compute_importances(load_study(tmp_path, "tiny"))
     assert missing.study is None and "not found" in missing.importance_note
