@@ -86,8 +86,8 @@ MUTATIONS = [
     Mutation(
         "digits-levels-256-evaluate", "dequantize with 256 levels in evaluate_bpd (digits has 17)",
         "mdmsearch/training/evaluate.py",
-        "        x, ldj = prepare_batch(batch, levels, gen)",
-        "        x, ldj = prepare_batch(batch, 256, gen)",
+        "        x, ldj = prepare_batch(batch, levels, deq_gen)",
+        "        x, ldj = prepare_batch(batch, 256, deq_gen)",
         ["tests/test_oracles.py"],
     ),
     Mutation(
@@ -163,6 +163,28 @@ MUTATIONS = [
         "                        trial.report(h[\"val_bpd\"], h[\"step\"])",
         "                        pass",
         ["tests/test_search.py", "-k", "sigkill"],
+    ),
+    # -------------------------------------------------------------- the Gaussian residual (issue 11)
+    Mutation(
+        "residual-rb-variance-term-dropped", "drop s2^2 a from the closed-form E|R(eps_G - eps)|^2",
+        "mdmsearch/objectives/residual.py",
+        "    num = (x.to(_DT) - stats.mean).pow(2) + stats.var.pow(2) * a_c  # [B, *shape]",
+        "    num = (x.to(_DT) - stats.mean).pow(2)  # [B, *shape]",
+        ["tests/test_residual.py"],
+    ),
+    Mutation(
+        "residual-error-sign", "flip the sign of the noise part of eps_G - eps",
+        "mdmsearch/objectives/residual.py",
+        "    scalar = ((x - stats.mean.to(x.dtype)) - stats.var.to(x.dtype) * q_eps) / denom  # [B, *shape]",
+        "    scalar = ((x - stats.mean.to(x.dtype)) + stats.var.to(x.dtype) * q_eps) / denom  # [B, *shape]",
+        ["tests/test_residual.py"],
+    ),
+    Mutation(
+        "residual-stats-not-restored", "a resumed run recomputes its Gaussian statistics instead of loading them",
+        "mdmsearch/training/trainer.py",
+        '            self.residual.load_state_dict(state["residual_stats"])  # the statistics trained with, not recomputed',
+        "            pass",
+        ["tests/test_residual.py"],
     ),
 ]
 
