@@ -135,12 +135,15 @@ def study_status(study) -> dict:
     """Counts by state, decided trials with FAILs apart, the best trial, timing and ETA."""
     from optuna.trial import TrialState
 
-    from .study import count_trials, failure_summary
+    from .study import FINAL_ATTR, OUTCOME_ATTR, count_trials, failure_summary
 
     trials = study.get_trials(deepcopy=False)
     by_state: dict[str, int] = {}
-    for t in trials:
-        by_state[t.state.name] = by_state.get(t.state.name, 0) + 1
+    for t in trials:  # mdmsearch's outcome (INVALID and DUPLICATE are told to Optuna as FAIL/COMPLETE)
+        state = t.state.name
+        if t.state.is_finished():  # undecided finished trials were interrupted and re-queued
+            state = t.user_attrs.get(OUTCOME_ATTR, state) if t.user_attrs.get(FINAL_ATTR) else "INTERRUPTED"
+        by_state[state] = by_state.get(state, 0) + 1
     counts = count_trials(study)
     info = {"study": study.study_name, "trials": len(trials), "states": dict(sorted(by_state.items())),
             "finished": counts["finished"], "failed": counts["failed"], "running": counts["running"],
