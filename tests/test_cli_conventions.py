@@ -127,5 +127,6 @@ def test_status_json_counts_fails_apart_and_the_study_is_named(tmp_path):
     info = json.loads(res.stdout)
     assert info["finished"] == 2 and info["failed"] == 1 and info["target"] == 5 and info["workers"] == 2
     assert info["failures"] == "trial 2: because fail" and info["best"]["trial"] == 0
+    assert info["states"] == {"COMPLETE": 1, "FAIL": 1, "INVALID": 1}  # mdmsearch's outcomes, INVALID apart
     text = cli(tmp_path, "status", "st", "--studies-dir", str(tmp_path / "studies"))
     assert "FAILED: 1 (trial 2: because fail)" in text.stdout and "finished (counted): 2 of 5" in text.stdout
