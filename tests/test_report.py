@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from mdmsearch.compare import Comparison
 from mdmsearch.errors import MDMError
 from mdmsearch.leaderboard import read_tree
 from mdmsearch.report import build_report, margin_sentence
@@ -278,8 +279,7 @@ def test_importances_from_the_optuna_study(tiny, tmp_path):
         assert not info.importances and "at least two parameters" in info.importance_note
     else:
         assert info.importance_note is None, info.importance_note
-        # a parameter that never varies among complete trials can carry importance, but only zero
-        assert info.importances and {k for k, v in info.importances.items() if v > 0} <= varying
+        assert info.importances and set(info.importances) <= {k for t in complete for k in t.params}
         assert math.isclose(sum(info.importances.values()), 1.0, rel_tol=1e-6)
     missing = compute_importances(load_study(tmp_path, "tiny"))
     assert missing.study is None and "not found" in missing.importance_note
@@ -290,8 +290,14 @@ def test_margin_sentence_better_and_worse():
     learned = Entry(label="K=2, Q chain, D aux", baseline=None, group="a", n=1, val_mean=2.31)
     vpsde = Entry(label="VPSDE", baseline="vpsde", group="b", n=1, val_mean=2.36)
     s = margin_sentence(learned, vpsde)
-    assert s == ("The best learned structure (K=2, Q chain, D aux) reaches 2.310 validation bpd, "
-                 "0.050 bpd better than the best baseline (VPSDE, 2.360).")
+    assert s.startswith("The best learned structure (K=2, Q chain, D aux) reaches 2.310 validation bpd, "
+                        "0.050 bpd better than the best baseline (VPSDE, 2.360).")
+    assert "no standard error" in s  # no per-example results to pair
+    learned.vs_baseline = Comparison(diff=-0.012, se=0.004, n=540)
+    assert ("paired with the baseline, the difference is -0.012 ± 0.004 bpd: better beyond 2 paired standard errors"
+            in margin_sentence(learned, vpsde))
+    learned.vs_baseline = Comparison(diff=-0.006, se=0.004, n=540)
+    assert "-0.006 ± 0.004 bpd: a tie within noise" in margin_sentence(learned, vpsde)
     learned.val_mean = 2.5
     assert "0.140 bpd worse than the best baseline (VPSDE, 2.360)" in margin_sentence(learned, vpsde)
     assert "no baseline has completed" in margin_sentence(learned, None)

@@ -409,8 +409,12 @@ def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path):
                 structure={"n_aux": [1], "q_patterns": ["full"], "d_patterns": ["full"]},
                 hyper={"lr": [1e5, 2e-3]}, budget=dict(TINY["budget"], n_samples=0, eval_n_t=2, test_n_t=1))
     res = _run(tmp_path, _write(tmp_path, spec))
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert json.loads(res.stdout.strip().splitlines()[-1])["finished"] == 3
+    # a study that ends with FAILed trials exits non-zero and says how many and why, in one line
+    assert res.returncode == 1, res.stderr[-3000:]
+    error = [line for line in res.stderr.splitlines() if line.startswith("mdmsearch: error:")]
+    assert len(error) == 1 and "decided trials FAILED" in error[0] and "non-finite" in error[0]
+    counts = json.loads(res.stdout.strip().splitlines()[-1])
+    assert counts["decided"] == 3 and counts["finished"] + counts["failed"] == 3 and counts["failed"] >= 1
     df = _board(tmp_path).sort_values("trial")
     study = _study(tmp_path, "fails")
     _assert_board_matches_study(df, study)

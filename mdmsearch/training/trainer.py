@@ -230,14 +230,15 @@ class Trainer:
         except UNREADABLE as exc:  # torn or damaged at rest: start this run again from scratch
             set_aside(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return False
-        self._check_parameterization(state)
         saved = upgrade_saved_config(state["config"])
         current = self.config.model_dump(mode="json")
         # the budget may grow on resume; everything else must match
         saved["train"] = {k: v for k, v in saved["train"].items() if k not in ("steps", "progress")}
         cur_cmp = {**current, "train": {k: v for k, v in current["train"].items() if k not in ("steps", "progress")}}
         if saved != cur_cmp:
-            raise ConfigError(f"{path}: checkpoint was written by a different configuration; use another --out")
+            differ = _differing_keys(saved, cur_cmp)
+            raise ConfigError(f"{path}: checkpoint was written by a different configuration ({', '.join(differ[:5])}"
+                              f"{', ...' if len(differ) > 5 else ''}); use another --out")
         self.load_state_dict(state)
         log.info("resumed from %s at step %d", path, self.step)
         return True
@@ -356,6 +357,18 @@ class Trainer:
         else:
             return ""
         return path.name
+
+
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested configuration dicts."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differing_keys(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def _progress(tc, initial: int):
