@@ -179,17 +179,21 @@ def ranked(df, metric: str = "val_bpd"):
     if ok.empty:
         return pd.DataFrame()
     ok["group"] = ok["config_group"]
-    ok = distinct_seeds(ok)  # replicates are distinct seeds: one seed in two studies counts once
-    ok["label"] = ok.apply(_label, axis=1)
     keys = ["dataset", "config_group"]
+    # every run is listed, but replicates are distinct seeds: one seed in two studies counts once
+    runs = ok.groupby(keys, dropna=False).agg(
+        studies=("study", lambda s: ",".join(sorted(set(s)))),
+        trials=("trial", lambda s: ",".join(str(int(v)) for v in sorted(s))),
+    ).reset_index()
+    ok = distinct_seeds(ok)
+    ok["label"] = ok.apply(_label, axis=1)
     agg = ok.groupby(keys, dropna=False).agg(
         label=("label", "first"), baseline=("baseline", "first"), n_aux=("n_aux", "first"),
         q_pattern=("q_pattern", "first"), d_pattern=("d_pattern", "first"),
         val_bpd=(metric, "mean"), val_std=(metric, "std"), test_bpd=("test_bpd", "mean"),
         test_std=("test_bpd", "std"), n=(metric, "count"), steps=("steps", "max"),
-        train_seconds=("train_seconds", "mean"), studies=("study", lambda s: ",".join(sorted(set(s)))),
-        trials=("trial", lambda s: ",".join(str(int(v)) for v in sorted(s))),
-    ).reset_index()
+        train_seconds=("train_seconds", "mean"),
+    ).reset_index().merge(runs, on=keys, how="left")
     agg["steps"] = agg["steps"].astype("Int64")
     agg["n"] = agg["n"].astype("Int64")
     agg = agg.sort_values(["dataset", "val_bpd"]).reset_index(drop=True)

@@ -156,3 +156,12 @@ def test_rows_written_before_a_column_existed_read_as_null(tmp_path):
     write_trial(root, "digits", "new", _row(1, "vpsde", "B", 0, 2.0, tmp_path))
     df = read_tree(root).set_index("trial")
     assert df.loc[1, "parameterization"] == "mixed" and pd.isna(df.loc[0, "parameterization"])
+
+
+def test_a_seed_run_in_two_studies_is_listed_but_counted_once(tmp_path):
+    art = _write_run(tmp_path / "art", "r", np.full(10, 2.0))
+    root = tmp_path / "lb"
+    write_trial(root, "digits", "a", _row(0, "vpsde", "B", 0, 2.0, art))
+    write_trial(root, "digits", "b", _row(3, "vpsde", "B", 0, 2.0, art, study="b"))
+    row = ranked(read_tree(root)).iloc[0]
+    assert row["n"] == 1 and row["studies"] == "a,b" and row["trials"] == "0,3"
