@@ -101,7 +101,7 @@ class GaussianStats(nn.Module):
 
 @dataclass
 class GaussianPart:
-    """eps_G and the pieces the ELBO reuses: q = L^{-1} u [B, n] and a = |q|^2 [B], float64."""
+    """eps_G with q = L^{-1} u [B, n] and a = |q|^2 [B] (float64) of its kernel."""
 
     eps: torch.Tensor  # [B, n, *shape], z's dtype
     q: torch.Tensor  # [B, n]
@@ -131,11 +131,12 @@ def gaussian_part(stats: GaussianStats, z: torch.Tensor, phi: torch.Tensor, chol
     (x, eps) with :func:`gaussian_error`, which has no cancellation.
     """
     batch = z.shape[0]
-    q, a = gaussian_direction(phi, chol, batch)
-    inv_l = torch.linalg.solve_triangular(chol.expand(batch, -1, -1),
-                                          torch.eye(chol.shape[-1], dtype=_DT, device=chol.device).expand(batch, -1, -1),
-                                          upper=False)  # L^{-1}, [B, n, n]
-    u = phi.expand(batch, -1, -1)[:, :, 0]  # [B, n]
+    chol = chol.expand(batch, -1, -1)
+    eye = torch.eye(chol.shape[-1], dtype=_DT, device=chol.device).expand_as(chol)
+    inv_l = torch.linalg.solve_triangular(chol, eye, upper=False)  # L^{-1}, [B, n, n]
+    u = phi.expand(batch, -1, -1)[:, :, 0]  # [B, n]  Phi e_1
+    q = (inv_l @ u.unsqueeze(-1)).squeeze(-1)  # [B, n]  L^{-1} u
+    a = q.pow(2).sum(-1)  # [B]
     x_like = z[:, 0]  # [B, *shape]
     y = apply_matrix(inv_l, z - _coord(u.to(z.dtype), z) * stats.mean.to(z.dtype))  # L^{-1}(z - u mu)
     qz = _coord(q.to(z.dtype), z)  # [B, n, 1...]
