@@ -89,7 +89,7 @@ def test_gaussian_oracle_monte_carlo(name):
     x = torch.full((n_ex, d), X0, dtype=DT)
     oracle = GaussianOracle(proc, MU, VAR)
     expected = float((gaussian_log_prob(x[:1], MU, VAR) - gaussian_prior_gap(proc, x[:1], MU, VAR))[0].detach()) / d
-    est = elbo(proc, x, oracle, parameterization="score", time_sampler="adaptive", t_min=1e-3, generator=gen) / d
+    est = elbo(proc, x, oracle, parameterization="score", time_sampler="adaptive", t_min=1e-3, generator=gen).detach() / d
     se = float(est.std()) / math.sqrt(n_ex)
     assert abs(float(est.mean()) - expected) < 4 * se, (float(est.mean()), expected, se)
     assert se < 0.1  # the quadrature tests pin the bound itself to 1e-4
