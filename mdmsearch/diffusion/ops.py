@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["apply_matrix", "batch_view", "expm", "phi_and_noise_cov", "sum_except_batch"]
+__all__ = ["apply_matrix", "batch_view", "expm", "inv_lower", "phi_and_noise_cov", "sum_except_batch"]
 
 
 def apply_matrix(mat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -30,6 +30,12 @@ def apply_matrix(mat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 def batch_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Reshape a per-example tensor [B] so it broadcasts against ``like`` [B, ...]."""
     return v.reshape(v.shape[0], *([1] * (like.dim() - 1)))
+
+
+def inv_lower(chol: torch.Tensor) -> torch.Tensor:
+    """L^{-1} of lower-triangular factors [..., n, n] (a triangular solve, no general inverse)."""
+    eye = torch.eye(chol.shape[-1], dtype=chol.dtype, device=chol.device).expand_as(chol)
+    return torch.linalg.solve_triangular(chol, eye, upper=False)
 
 
 def sum_except_batch(x: torch.Tensor) -> torch.Tensor:

@@ -21,9 +21,9 @@ from typing import Callable
 
 import torch
 
-from ..diffusion.ops import apply_matrix, sum_except_batch
+from ..diffusion.ops import apply_matrix, inv_lower, sum_except_batch
 from ..diffusion.process import Kernel, LinearMDM
-from .residual import gaussian_direction, gaussian_dsm_expectation, gaussian_error, is_kernel_aware
+from .residual import gaussian_dsm_expectation, gaussian_error, is_kernel_aware
 from .time_sampling import TimeSampler, make_time_sampler
 
 __all__ = ["ELBOTerms", "elbo", "elbo_terms", "elbo_ism", "diffusion_term_dsm", "truncation_term", "eps_from_model"]
@@ -48,8 +48,13 @@ class ELBOTerms:
 
 def _inv_chol_t(kern: Kernel) -> torch.Tensor:
     """L_t^{-T}, [B, n, n] float64."""
-    eye = torch.eye(kern.chol.shape[-1], dtype=_DT, device=kern.chol.device).expand_as(kern.chol)
-    return torch.linalg.solve_triangular(kern.chol, eye, upper=False).transpose(-1, -2)
+    return inv_lower(kern.chol).transpose(-1, -2)
+
+
+def _direction(inv_lt: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """q = L^{-1} Phi e_1 [B, n] and a = |q|^2 [B] of the Gaussian residual, from L^{-T} [B, n, n]."""
+    q = (inv_lt.transpose(-1, -2) @ phi[..., :1]).squeeze(-1)
+    return q, q.pow(2).sum(-1)
 
 
 def eps_from_model(model: Model, z: torch.Tensor, t: torch.Tensor, inv_lt: torch.Tensor, parameterization: str,
@@ -96,14 +101,13 @@ def diffusion_term_dsm(
     inv_lt = _inv_chol_t(kern)  # [B, n, n]
     r = torch.sqrt(2.0 * kern.beta)[:, None, None] * (process.D_factor.T @ inv_lt)  # [B, n, n]
     if _is_residual(model) and rao_blackwell:
-        q = (inv_lt.transpose(-1, -2) @ kern.phi[:, :, :1]).squeeze(-1)  # L^{-1} Phi e_1, [B, n]
-        a = q.pow(2).sum(-1)  # [B]
+        q, a = _direction(inv_lt, kern.phi)  # [B, n], [B]
         r_res = apply_matrix(r, model.net(z, kern.t.to(z.dtype)))  # R r
         r_gauss = apply_matrix(r, gaussian_error(model.stats, x, eps, q, a))  # R (eps_G - eps)
         mc = sum_except_batch(2.0 * r_gauss * r_res + r_res.pow(2)).to(_DT)
         dsm = gaussian_dsm_expectation(model.stats, x, q, a, r) + mc  # [B]
     elif _is_residual(model):
-        q, a = gaussian_direction(kern.phi, kern.chol, x.shape[0])
+        q, a = _direction(inv_lt, kern.phi)
         eps_hat = model.given_noise(z, kern.t.to(z.dtype), x, eps, q, a)
         dsm = sum_except_batch(apply_matrix(r, eps_hat - eps).pow(2)).to(_DT)
     else:
@@ -144,7 +148,7 @@ def truncation_term(
     inv_lt_x = _inv_chol_t(kern_x)
     if _is_residual(model):
         # u = Phi e_1 x + L_x e with e = L_x^{-1} w: the Gaussian part from (x, e), without cancellation
-        q, a = gaussian_direction(kern_x.phi, kern_x.chol, batch)
+        q, a = (v.expand(batch, *v.shape[1:]) for v in _direction(inv_lt_x, kern_x.phi))
         e = apply_matrix(inv_lt_x[0].T, w)
         eps_hat = model.given_noise(u, t.to(u.dtype), x, e, q, a)
     else:

@@ -29,7 +29,7 @@ from typing import Callable, Literal
 import torch
 from torch import nn
 
-from ..diffusion.ops import apply_matrix
+from ..diffusion.ops import apply_matrix, inv_lower
 
 __all__ = ["RESIDUAL_STATS", "GaussianStats", "GaussianPart", "ResidualEps", "gaussian_part", "gaussian_direction",
            "gaussian_error", "gaussian_dsm_expectation", "is_kernel_aware", "residual_stats"]
@@ -112,8 +112,7 @@ def gaussian_direction(phi: torch.Tensor, chol: torch.Tensor, batch: int) -> tup
     """q = L^{-1} u with u = Phi e_1, and a = |q|^2, from the given-x kernel ([B or 1, n, n]
     float64) -> ([B, n], [B]) float64."""
     phi, chol = phi.expand(batch, -1, -1), chol.expand(batch, -1, -1)
-    u = phi[:, :, 0:1]  # [B, n, 1]  Phi e_1
-    q = torch.linalg.solve_triangular(chol, u, upper=False).squeeze(-1)  # [B, n]  L^{-1} u
+    q = torch.linalg.solve_triangular(chol, phi[:, :, 0:1], upper=False).squeeze(-1)  # [B, n]  L^{-1} Phi e_1
     return q, q.pow(2).sum(-1)
 
 
@@ -131,9 +130,7 @@ def gaussian_part(stats: GaussianStats, z: torch.Tensor, phi: torch.Tensor, chol
     (x, eps) with :func:`gaussian_error`, which has no cancellation.
     """
     batch = z.shape[0]
-    chol = chol.expand(batch, -1, -1)
-    eye = torch.eye(chol.shape[-1], dtype=_DT, device=chol.device).expand_as(chol)
-    inv_l = torch.linalg.solve_triangular(chol, eye, upper=False)  # L^{-1}, [B, n, n]
+    inv_l = inv_lower(chol.expand(batch, -1, -1))  # L^{-1}, [B, n, n]
     u = phi.expand(batch, -1, -1)[:, :, 0]  # [B, n]  Phi e_1
     q = (inv_l @ u.unsqueeze(-1)).squeeze(-1)  # [B, n]  L^{-1} u
     a = q.pow(2).sum(-1)  # [B]

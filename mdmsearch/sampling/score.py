@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from ..diffusion.ops import apply_matrix
+from ..diffusion.ops import apply_matrix, inv_lower
 from ..diffusion.process import Kernel, LinearMDM
 from ..objectives.residual import is_kernel_aware
 
@@ -36,8 +36,7 @@ def _kernel(process: LinearMDM, t: torch.Tensor) -> Kernel:
 
 
 def _inv_lt(chol: torch.Tensor) -> torch.Tensor:
-    eye = torch.eye(chol.shape[-1], dtype=_DT, device=chol.device).expand_as(chol)
-    return torch.linalg.solve_triangular(chol, eye, upper=False).transpose(-1, -2)  # L^{-T}
+    return inv_lower(chol).transpose(-1, -2)  # L^{-T}
 
 
 def inv_chol_t(process: LinearMDM, t: torch.Tensor) -> torch.Tensor:
