@@ -45,7 +45,7 @@ def measure(size: str, proc: dict, repeats: int, device: str, parameterization: 
     step = timeit(tr.train_step, repeats)
     z = torch.randn(batch, tr.process.n, *shape, device=tr.device)
     t = torch.rand(batch, device=tr.device)
-    opt = torch.optim.Adam(tr.net.parameters(), lr=1e-4)
+    opt = torch.optim.Adam(tr.net.parameters(), lr=1e-4, foreach=True)  # as the trainer builds it
 
     def net_only():
         opt.zero_grad(set_to_none=True)

@@ -53,7 +53,15 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace):
     from .config import load_yaml, parse_run_config
 
-    data = load_yaml(args.config) if args.config else {}
+    source = args.config or "flags"
+    if getattr(args, "from_trial", None):
+        if args.config:
+            raise MDMError("give a run config or --from-trial, not both")
+        from .search.promote import trial_run_config
+
+        data, source = trial_run_config(args.from_trial, args.studies_dir, args.storage)
+    else:
+        data = load_yaml(args.config) if args.config else {}
     flags = {}
     for flag, (section, key, _, _) in _TRAIN_FLAGS.items():
         value = getattr(args, flag)
@@ -64,7 +72,7 @@ def _train_config(args: argparse.Namespace):
             flags[(section, key)] = f"--{flag.replace('_', '-')} {value}" if typ_of(flag) else f"--{flag.replace('_', '-')}"
     if getattr(args, "quiet", False) or getattr(args, "no_progress", False):
         data.setdefault("train", {})["progress"] = False
-    return parse_run_config(data, args.config or "flags", flags)
+    return parse_run_config(data, source, flags)
 
 
 def typ_of(flag: str):
@@ -195,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (checkpoint, metrics, Q/D, samples)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also implied by -q)")
+    p.add_argument("--from-trial", default=None, metavar="STUDY/N",
+                   help="start from the exact configuration of a search trial (STUDY/N, or STUDY/best for the "
+                        "lowest val_bpd); flags override it, e.g. --steps 20000")
+    p.add_argument("--studies-dir", default="studies", help="where studies live, for --from-trial (default: studies/)")
+    p.add_argument("--storage", default=None, help="the study's storage URL for --from-trial, if not its journal file")
     _add_train_flags(p)
     p.set_defaults(func=_cmd_train)
 

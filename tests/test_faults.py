@@ -73,7 +73,7 @@ def test_torn_journal_tail_is_backed_up_and_cut(copy):
     assert len(backups) == 1 and backups[0].read_bytes().startswith(good)
     assert journal.read_bytes().startswith(good) and journal.read_bytes().endswith(b"\n")
     status = cli(copy, "status", "tiny", "--format", "json")
-    assert status.returncode == 0 and json.loads(status.stdout)["finished"] == 3
+    assert status.returncode == 0 and json.loads(status.stdout)["counted"] == 3  # (duplicates do not count)
 
 
 def test_glued_record_in_the_middle_is_cut_there(tmp_path):
@@ -146,7 +146,7 @@ def test_full_disk_during_a_trial_fails_it_and_the_study_stays_usable(tmp_path):
     assert rows["state"].tolist() == ["FAIL", "FAIL"]
     assert rows["reason"].str.contains("cannot write trial artifacts").all()
     status = cli(tmp_path, "status", "tiny")
-    assert status.returncode == 0 and "FAILED: 2" in status.stdout and "finished (counted): 0 of 2" in status.stdout
+    assert status.returncode == 0 and "FAILED: 2" in status.stdout and "finished: 0; counted toward n_trials: 2 of 2" in status.stdout
     again = cli(tmp_path, "run", "spec.yaml", "--n-trials", "3")  # space again: the study goes on
     assert again.returncode == 1  # it still holds the two FAILs, and says so
     counts = json.loads(again.stdout.strip().splitlines()[-1])

@@ -76,6 +76,9 @@ def test_expm_matches_scipy_and_keeps_tiny_entries():
     _, sig_ref = _ode_kernel(preset("alda"), 1e-3, torch.zeros(3, 3, dtype=DT))
     assert sig[0, 0] > 0
     assert abs(float(sig[0, 0]) / sig_ref[0, 0] - 1) < 1e-6
+    # ... also when the batch holds large times (one squaring count for the whole batch)
+    batched = preset("alda").transition(torch.tensor([1e-3, 1.0, 4.0], dtype=DT), given="xv")[1][0]
+    assert abs(float(batched[0, 0]) / float(sig[0, 0]) - 1) < 1e-10
 
 
 def test_vpsde_closed_form():

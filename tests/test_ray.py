@@ -156,6 +156,7 @@ def test_tiny_study_with_ray(ray_study):
     assert sorted(df["trial"]) == list(range(6))
     assert set(df["executor"]) == {"ray"}
     assert set(df["baseline"].dropna()) == {"vpsde", "cld"}  # the enqueued baselines ran
+    assert (df[df["baseline"].notna()]["state"] == "COMPLETE").all()  # ... to the end: never pruned
     assert (df["process"] == "learned").any()
     # the ASHA scheduler pruned some trials; the trials recorded where
     pruned = df[df["state"] == "PRUNED"]
@@ -312,6 +313,24 @@ def test_pruner_maps_to_a_tune_scheduler():
     assert type(make_scheduler(parse_spec(dict(TINY, pruner={"name": "none"})))) is FIFOScheduler
     two = parse_spec(dict(TINY, objective={"metric": "val_bpd", "second": "train_seconds"}))
     assert type(make_scheduler(two)) is FIFOScheduler  # Optuna/Tune cannot prune two objectives
+
+
+@needs_ray
+def test_the_tune_scheduler_never_stops_a_baseline():
+    """Baselines are the yardstick: ASHA stops a searched trial with a bad first rung but lets a
+    baseline with the same result run on (as the local executor does)."""
+    from ray.tune.experiment import Trial
+    from ray.tune.schedulers import TrialScheduler
+
+    from mdmsearch.search.ray_executor import make_scheduler
+
+    sched = make_scheduler(parse_spec(dict(TINY, pruner={"name": "median"})))
+    trials = [Trial("mdmsearch_trial", config={"mdm_baseline": b}, stub=True) for b in ("", "", "", "cld", "")]
+    for t in trials:
+        sched.on_trial_add(None, t)
+    actions = [sched.on_trial_result(None, t, {"step": 10, "val_bpd": v})
+               for t, v in zip(trials, (1.0, 1.1, 1.2, 5.0, 5.0))]
+    assert actions[3] == TrialScheduler.CONTINUE and actions[4] == TrialScheduler.STOP
 
 
 @pytest.mark.slow

@@ -129,12 +129,21 @@ class LinearMDM(nn.Module):
         """
         t = self._as_time(t)
         phi, s = phi_and_noise_cov(self.A, self.D, self.schedule.integral(t))  # [B, n, n] each
-        sigma = phi @ s0.to(_DT) @ phi.transpose(-1, -2) + s
-        return phi, sigma
+        return phi, torch.baddbmm(s, phi @ s0.to(_DT), phi.transpose(-1, -2))  # Phi S_0 Phi^T + S
+
+    def _covariance(self, big_b: torch.Tensor, given: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Phi, Sigma) at B(t) = ``big_b`` [B] of q(z_t | x) or q(z_t | x, v0)."""
+        if given not in ("x", "xv"):
+            raise ValueError(f"given must be 'x' or 'xv', got {given!r}")
+        phi, s = phi_and_noise_cov(self.A, self.D, big_b)  # [B, n, n] each
+        if given == "xv":  # S_0 = 0
+            return phi, s
+        aux = phi[:, :, 1:]  # [B, n, K]: S_0 = diag(0, gamma, ..., gamma)
+        return phi, torch.baddbmm(s, aux, aux.transpose(-1, -2), alpha=self.gamma)  # Phi S_0 Phi^T + S
 
     def transition(self, t, given: str = "x") -> tuple[torch.Tensor, torch.Tensor]:
         """(Phi, Sigma), each [B, n, n] float64, of q(z_t | x) or q(z_t | x, v0)."""
-        return self.marginal_covariance(t, self.initial_cov(given))
+        return self._covariance(self.schedule.integral(self._as_time(t)), given)
 
     def cholesky(self, sigma: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """Cholesky factor in float64; a failure names Q and D instead of returning garbage."""
@@ -150,19 +159,20 @@ class LinearMDM(nn.Module):
 
     def kernel(self, t, given: str = "x") -> Kernel:
         t = self._as_time(t)
-        phi, sigma = self.transition(t, given)
-        return self._kernel(t, phi, sigma)
+        big_b = self.schedule.integral(t)
+        phi, sigma = self._covariance(big_b, given)
+        return self._kernel(t, big_b, phi, sigma)
 
-    def _kernel(self, t: torch.Tensor, phi: torch.Tensor, sigma: torch.Tensor) -> Kernel:
-        return Kernel(t=t, beta=self.schedule.beta(t), big_b=self.schedule.integral(t), phi=phi, sigma=sigma,
-                      chol=self.cholesky(sigma, t))
+    def _kernel(self, t: torch.Tensor, big_b: torch.Tensor, phi: torch.Tensor, sigma: torch.Tensor) -> Kernel:
+        return Kernel(t=t, beta=self.schedule.beta(t), big_b=big_b, phi=phi, sigma=sigma, chol=self.cholesky(sigma, t))
 
     def kernel_and_end(self, t) -> tuple[Kernel, tuple[torch.Tensor, torch.Tensor]]:
         """The given-x kernel at t [B] and (Phi, Sigma) at T ([1, n, n] each) from one batched
         exponential: a training step needs both (the diffusion term and the prior term)."""
         t = self._as_time(t)
-        phi, sigma = self.transition(torch.cat([t, t.new_full((1,), self.T)]), given="x")
-        return self._kernel(t, phi[:-1], sigma[:-1]), (phi[-1:], sigma[-1:])
+        big_b = self.schedule.integral(torch.cat([t, t.new_full((1,), self.T)]))  # [B + 1]
+        phi, sigma = self._covariance(big_b, "x")
+        return self._kernel(t, big_b[:-1], phi[:-1], sigma[:-1]), (phi[-1:], sigma[-1:])
 
     # ------------------------------------------------------------------ states
     def embed(self, x: torch.Tensor, v0: torch.Tensor | None = None) -> torch.Tensor:

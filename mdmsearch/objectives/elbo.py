@@ -57,19 +57,19 @@ def _direction(inv_lt: torch.Tensor, phi: torch.Tensor) -> tuple[torch.Tensor, t
     return q, q.pow(2).sum(-1)
 
 
-def eps_from_model(model: Model, z: torch.Tensor, t: torch.Tensor, inv_lt: torch.Tensor, parameterization: str,
-                   kernel: Kernel | None = None) -> torch.Tensor:
-    """The model's noise prediction eps_hat; a score model s gives eps_hat = -L^T s.
-    A kernel-aware model gets ``kernel`` (the given-x kernel at t) as its third argument."""
+def eps_from_model(model: Model, z: torch.Tensor, t: torch.Tensor, kernel: Kernel, parameterization: str) -> torch.Tensor:
+    """The model's noise prediction eps_hat at z [B, n, *shape] with the given-x ``kernel`` at t
+    ([B] or [1] times); a score model s gives eps_hat = -L^T s.  A kernel-aware model gets
+    the kernel as its third argument."""
     if is_kernel_aware(model):
-        if parameterization != "eps" or kernel is None:
-            raise ValueError("a kernel-aware (Gaussian-residual) model predicts eps and needs the given-x kernel")
+        if parameterization != "eps":
+            raise ValueError("a kernel-aware (Gaussian-residual) model predicts eps")
         return model(z, t.to(z.dtype), kernel)
     out = model(z, t.to(z.dtype))
     if parameterization == "eps":
         return out
     if parameterization == "score":
-        lt = torch.linalg.inv(inv_lt)  # L^T from L^{-T}: tiny n x n
+        lt = kernel.chol.transpose(-1, -2).expand(z.shape[0], -1, -1)  # L^T, [B, n, n]
         return -apply_matrix(lt, out)
     raise ValueError(f"parameterization must be 'eps' or 'score', got {parameterization!r}")
 
@@ -96,22 +96,27 @@ def diffusion_term_dsm(
     replaced by its exact expectation over eps given (x, t): unbiased, and only the terms
     that involve the network are left to Monte Carlo.
     """
-    d = x[0].numel()
+    d, n = x[0].numel(), process.n
     z, eps, kern = process.perturb(x, t, generator=generator, kernel=kernel)  # z, eps: [B, n, *shape]
-    inv_lt = _inv_chol_t(kern)  # [B, n, n]
-    r = torch.sqrt(2.0 * kern.beta)[:, None, None] * (process.D_factor.T @ inv_lt)  # [B, n, n]
+    # one triangular solve gives L^{-1} G (so R^T) and q = L^{-1} Phi e_1 (the residual's direction)
+    g = process.D_factor.expand(z.shape[0], -1, -1)  # [B, n, n]
+    sol = torch.linalg.solve_triangular(kern.chol, torch.cat([g, kern.phi[..., :1]], dim=-1), upper=False)
+    scale = torch.sqrt(2.0 * kern.beta)[:, None, None]  # [B, 1, 1]
+    r = scale * sol[..., :n].transpose(-1, -2)  # R = sqrt(2 beta) G^T L^{-T}, [B, n, n]
+    if _is_residual(model):
+        q = sol[..., n]  # [B, n]
+        a = q.pow(2).sum(-1)  # [B]  |q|^2
     if _is_residual(model) and rao_blackwell:
-        q, a = _direction(inv_lt, kern.phi)  # [B, n], [B]
-        r_res = apply_matrix(r, model.net(z, kern.t.to(z.dtype)))  # R r
-        r_gauss = apply_matrix(r, gaussian_error(model.stats, x, eps, q, a))  # R (eps_G - eps)
-        mc = sum_except_batch(2.0 * r_gauss * r_res + r_res.pow(2)).to(_DT)
+        res = model.net(z, kern.t.to(z.dtype))  # the residual r, [B, n, *shape]
+        gauss = gaussian_error(model.stats, x, eps, q, a)  # eps_G - eps
+        # 2 <R gauss, R res> + |R res|^2 = res^T (R^T R) (2 gauss + res), per coordinate
+        mc = sum_except_batch(res * apply_matrix(torch.bmm(r.transpose(-1, -2), r), 2.0 * gauss + res)).to(_DT)
         dsm = gaussian_dsm_expectation(model.stats, x, q, a, r) + mc  # [B]
     elif _is_residual(model):
-        q, a = _direction(inv_lt, kern.phi)
         eps_hat = model.given_noise(z, kern.t.to(z.dtype), x, eps, q, a)
         dsm = sum_except_batch(apply_matrix(r, eps_hat - eps).pow(2)).to(_DT)
     else:
-        eps_hat = eps_from_model(model, z, kern.t, inv_lt, parameterization, kern)
+        eps_hat = eps_from_model(model, z, kern.t, kern, parameterization)
         dsm = sum_except_batch(apply_matrix(r, eps_hat - eps).pow(2)).to(_DT)  # [B]
     tr_m_sigma_inv = r.pow(2).sum(dim=(-1, -2))  # [B]
     integrand = -0.5 * dsm + 0.5 * d * tr_m_sigma_inv + process.div_drift(kern.t, d)
@@ -152,7 +157,7 @@ def truncation_term(
         e = apply_matrix(inv_lt_x[0].T, w)
         eps_hat = model.given_noise(u, t.to(u.dtype), x, e, q, a)
     else:
-        eps_hat = eps_from_model(model, u, t, inv_lt_x.expand(batch, -1, -1), parameterization, kern_x)
+        eps_hat = eps_from_model(model, u, t, kern_x, parameterization)
     # L_xv^T s = -(L_xv^T L_x^{-T}) eps_hat
     proj = kern_xv.chol[0].T @ inv_lt_x[0]  # [n, n]
     resid = eps - apply_matrix(proj, eps_hat)
@@ -255,7 +260,7 @@ def elbo_ism(
         with torch.enable_grad():
             z = z.detach().requires_grad_(True)
             inv_lt = _inv_chol_t(kern)
-            eps_hat = eps_from_model(model, z, kern.t, inv_lt, parameterization, kern)
+            eps_hat = eps_from_model(model, z, kern.t, kern, parameterization)
             score = -apply_matrix(inv_lt, eps_hat)  # s = -L^{-T} eps_hat
             m_score = apply_matrix(2.0 * kern.beta[:, None, None] * (g @ g.T), score)  # M s
             probe = torch.randint(0, 2, z.shape, generator=generator, device=z.device).to(z.dtype) * 2 - 1

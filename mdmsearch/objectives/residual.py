@@ -165,7 +165,7 @@ def gaussian_dsm_expectation(stats: GaussianStats, x: torch.Tensor, q: torch.Ten
     r: R = sqrt(2 beta) G^T L^{-T}, [B, n, n] float64.
     """
     batch = x.shape[0]
-    rq2 = (r @ q.unsqueeze(-1)).squeeze(-1).pow(2).sum(-1)  # |R q|^2, [B]
+    rq2 = torch.bmm(r, q.unsqueeze(-1)).pow(2).sum(dim=(-1, -2))  # |R q|^2, [B]
     a_c = _coord(a, x)
     num = (x.to(_DT) - stats.mean).pow(2) + stats.var.pow(2) * a_c  # [B, *shape]
     per_coord = num / (1.0 + stats.var * a_c).pow(2)

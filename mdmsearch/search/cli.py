@@ -22,6 +22,9 @@ def add_search_commands(sub) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (with --executor ray), e.g. auto")
     p.add_argument("--time-budget", type=float, default=None, help="seconds after which no new trial starts")
     p.add_argument("--allow-spec-change", action="store_true", help="resume a study whose spec changed")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the space (distinct structures after aliasing, invalid ones with reasons, "
+                        "hyperparameter choices, configurations) and a measured time estimate; run nothing")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("status", help="trials by state, best so far, ETA")
@@ -67,6 +70,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from ..logs import route_optuna
 
     spec = _load(args)
+    if args.dry_run:
+        from .space import describe, enumerate_space, estimate_time
+
+        summary = enumerate_space(spec)
+        sys.stdout.write(describe(spec, summary, estimate_time(spec, summary)) + "\n")
+        return 0
     route_optuna()
     if spec.executor == "ray":
         from .ray_executor import run_ray
@@ -147,6 +156,7 @@ def study_status(study) -> dict:
     counts = count_trials(study)
     info = {"study": study.study_name, "trials": len(trials), "states": dict(sorted(by_state.items())),
             "finished": counts["finished"], "failed": counts["failed"], "running": counts["running"],
+            "duplicates": counts["duplicates"], "counted": counts["decided"] - counts["duplicates"],
             "waiting": counts["waiting"], "target": study.user_attrs.get("n_trials"),
             "workers": max(1, int(study.user_attrs.get("workers", 1))), "executor": study.user_attrs.get("executor"),
             "failures": failure_summary(study) if counts["failed"] else None, "best": None,
@@ -157,11 +167,11 @@ def study_status(study) -> dict:
         label = best.user_attrs.get("baseline") or f"learned {json.dumps(dict(best.params))}"
         info["best"] = {"trial": best.number, "val_bpd": best.values[0], "label": label}
     times = [(t.datetime_complete - t.datetime_start).total_seconds() for t in complete
-             if t.datetime_complete and t.datetime_start]
+             if t.datetime_complete and t.datetime_start and t.user_attrs.get(OUTCOME_ATTR) != "DUPLICATE"]
     if times:
         info["mean_trial_seconds"] = sum(times) / len(times)
         if info["target"]:
-            left = max(0, int(info["target"]) - counts["decided"])
+            left = max(0, int(info["target"]) - info["counted"])  # duplicates do not count
             info["eta_seconds"] = left * info["mean_trial_seconds"] / info["workers"]
     return info
 
@@ -169,7 +179,9 @@ def study_status(study) -> dict:
 def _status_lines(info: dict) -> list[str]:
     lines = [f"study {info['study']}: {info['trials']} trials  "
              + "  ".join(f"{k}={v}" for k, v in info["states"].items()),
-             f"finished (counted): {info['finished']}" + (f" of {info['target']}" if info["target"] else "")]
+             f"finished: {info['finished']}; counted toward n_trials: {info['counted']}"
+             + (f" of {info['target']}" if info["target"] else "")
+             + (f" (duplicates answered without training: {info['duplicates']})" if info["duplicates"] else "")]
     if info["failed"]:
         lines.append(f"FAILED: {info['failed']} ({info['failures']})")
     if info["best"]:
@@ -178,7 +190,7 @@ def _status_lines(info: dict) -> list[str]:
     if info["mean_trial_seconds"] is not None:
         lines.append(f"mean trial time: {info['mean_trial_seconds']:.1f}s")
     if info["eta_seconds"] is not None:
-        lines.append(f"ETA for {info['target']} decided trials with {info['workers']} worker(s): "
+        lines.append(f"ETA for {info['target']} counted trials with {info['workers']} worker(s): "
                      f"{info['eta_seconds']:.0f}s")
     return lines
 

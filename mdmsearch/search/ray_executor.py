@@ -40,8 +40,10 @@ from optuna.trial import TrialState
 from ..errors import MDMError
 from .plan import suggest_plan
 from .spec import SearchSpec
+from .space import finite_size
 from .study import (FINAL_ATTR, Heartbeat, count_trials, is_stale, make_sampler, make_storage, open_study,
-                    pid_alive, record_run, recover_stale, retry_trial, storage_url, study_lock)
+                    budget_used, pid_alive, record_run, recover_stale, retry_trial, stop_reason, storage_url,
+                    study_lock, tried_configs)
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +133,25 @@ def make_scheduler(spec: SearchSpec):
     else:  # hyperband: Optuna's default reduction factor, all brackets that fit
         rf = 3
         brackets = 1 + int(math.floor(math.log(max(max_t / grace, 1.0)) / math.log(rf) + 1e-9))
-    return ASHAScheduler(time_attr=TIME_ATTR, metric=METRIC, mode="min", max_t=max_t, grace_period=grace,
-                         reduction_factor=rf, brackets=brackets)
+    return _baselines_never_stopped(ASHAScheduler)(time_attr=TIME_ATTR, metric=METRIC, mode="min", max_t=max_t,
+                                                   grace_period=grace, reduction_factor=rf, brackets=brackets)
+
+
+def _baselines_never_stopped(scheduler_cls):
+    """The scheduler, except that a baseline trial (``mdm_baseline`` in its config) is never
+    stopped: its results still enter the rungs (the yardstick for the other trials), but it
+    runs to the full budget, as with the local executor.  Only the public TrialScheduler
+    hook ``on_trial_result`` is overridden."""
+    from ray.tune.schedulers import TrialScheduler
+
+    class BaselinesComplete(scheduler_cls):
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            if (trial.config or {}).get("mdm_baseline"):
+                return TrialScheduler.CONTINUE
+            return action
+
+    return BaselinesComplete
 
 
 def _metrics(spec: SearchSpec):
@@ -178,9 +197,14 @@ if _HAVE_RAY:
             if trial_id in self._ot_trials:
                 return self._suggest_from_define_by_run_func(self._space, self._ot_trials[trial_id])
             spec = SearchSpec.model_validate_json(self._mdm_spec_json)
+            if not hasattr(self, "_mdm_space_size"):
+                self._mdm_space_size = finite_size(spec)
             with study_lock(spec):
                 counts = count_trials(self._ot_study)
-                if counts["decided"] + counts["running"] >= _TARGETS.get(spec.study, self._mdm_n_trials):
+                target = spec.model_copy(update={"n_trials": _TARGETS.get(spec.study, self._mdm_n_trials)})
+                reason = stop_reason(self._ot_study, target, counts, self._mdm_space_size)
+                if reason is not None:
+                    log.info("no new trials: %s", reason)
                     return Searcher.FINISHED
                 if _past_deadline(spec.study):  # like the local workers: running trials finish
                     log.info("time budget of %.0fs used up: no new trials", spec.time_budget_s or 0)
@@ -308,7 +332,7 @@ def _settle(spec: SearchSpec, study: optuna.Study, trial_id: int, number: int) -
             if spec.objective.second is not None:
                 values.append(float(row.get(spec.objective.second) or math.nan))
             study.tell(number, values)
-        elif state == "PRUNED":
+        elif state in ("PRUNED", "DUPLICATE"):  # a duplicate without a value repeats a pruned trial
             study.tell(number, state=TrialState.PRUNED)
         else:
             study.tell(number, state=TrialState.FAIL)
@@ -389,9 +413,10 @@ def _fit(spec: SearchSpec, study: optuna.Study, trainable) -> None:
     from ray import tune
 
     ray_dir = spec.study_dir / "ray"
+    size = finite_size(spec)
     for _ in range(MAX_ROUNDS):
         before = count_trials(study)
-        if before["decided"] >= spec.n_trials or _past_deadline(spec.study):
+        if _done(study, spec, size) or _past_deadline(spec.study):
             return
         k, path = _latest_experiment(ray_dir)
         tuner, keep = None, set()
@@ -422,13 +447,20 @@ def _fit(spec: SearchSpec, study: optuna.Study, trainable) -> None:
                            "re-run the same command to continue")
         (path / DONE_MARKER).write_text(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
         after = count_trials(study)
-        if after["decided"] >= spec.n_trials or _past_deadline(spec.study):
+        if _done(study, spec, size) or _past_deadline(spec.study):
             return
         if after["decided"] <= before["decided"] and not restored:  # (a restored one may have been done)
-            if after["decided"] + after["running"] >= spec.n_trials:
+            if budget_used(after) >= spec.n_trials:
                 return  # the rest is running elsewhere (another driver or local workers)
             raise MDMError(f"the Ray experiment {path} made no progress; see the trial logs under it")
     raise MDMError(f"gave up after {MAX_ROUNDS} Ray experiments without reaching {spec.n_trials} trials")
+
+
+def _done(study: optuna.Study, spec: SearchSpec, size: Optional[int]) -> bool:
+    """Whether the study has its ``n_trials`` (duplicates not counted) or has tried every
+    configuration of a finite space."""
+    counts = count_trials(study)
+    return counts["decided"] - counts["duplicates"] >= spec.n_trials or bool(size and tried_configs(study) >= size)
 
 
 def run_ray(spec: SearchSpec, address: Optional[str] = None, allow_spec_change: bool = False, *,
@@ -448,7 +480,7 @@ def run_ray(spec: SearchSpec, address: Optional[str] = None, allow_spec_change: 
         _DEADLINES[spec.study] = time.time() + spec.time_budget_s
     else:
         _DEADLINES.pop(spec.study, None)
-    if counts["decided"] < spec.n_trials:
+    if not _done(study, spec, finite_size(spec)):
         started = False
         if not ray.is_initialized():
             if address:

@@ -24,8 +24,9 @@ from ..training import Trainer
 from ..training.checkpoint import atomic_write_json
 from .plan import TrialPlan, suggest_plan
 from .spec import SearchSpec
+from .space import finite_size
 from .study import (FINAL_ATTR, OUTCOME_ATTR, Heartbeat, count_trials, open_study, record_run, recover_stale,
-                    study_lock)
+                    stop_reason, study_lock)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,11 @@ def _json(obj) -> str:
 
 
 def find_duplicate(study: optuna.Study, config_hash: str, own_number: int):
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+    """An earlier trial of the same configuration that completed or was pruned (its answer is
+    known: training it again would spend budget on no new information)."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if t.state == TrialState.PRUNED and not t.user_attrs.get(FINAL_ATTR):
+            continue
         if (t.number != own_number and t.user_attrs.get("config_hash") == config_hash
                 and t.user_attrs.get("duplicate_of") is None):
             return t
@@ -132,11 +137,14 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
             trial.set_user_attr("duplicate_of", dup.number)
             log.info("trial %d duplicates trial %d: answered from its result", number, dup.number)
             first = dup.user_attrs
+            if dup.state == TrialState.PRUNED:  # told as pruned again, without a value
+                return done("DUPLICATE", None, reason=f"duplicate of trial {dup.number}, which was pruned",
+                            duplicate_of=dup.number, steps=first.get("steps"))
             return done("DUPLICATE", list(dup.values), duplicate_of=dup.number, val_bpd=dup.values[0],
                         test_bpd=first.get("test_bpd"), steps=first.get("steps"))
 
     config = plan.run_config(spec)
-    reporter = report or _optuna_reporter(trial)
+    reporter = report or _optuna_reporter(trial, prunable=not plan.baseline)
     trainer = None
     try:
         atomic_write_json(art_dir / "plan.json", {"plan": plan.__dict__, "trial": number})
@@ -180,12 +188,14 @@ def _write_curve(spec: SearchSpec, number: int, history: list[dict]) -> None:
         log.warning("trial %d: learning curve not written (%s)", number, exc)
 
 
-def _optuna_reporter(trial):
+def _optuna_reporter(trial, prunable: bool = True):
+    """Intermediate values to Optuna's pruner.  Baselines report (their curves are the pruner's
+    yardstick) but are never pruned: every executor completes them."""
     def report(step: int, metrics: dict) -> None:
         if len(getattr(trial.study, "directions", [None])) > 1:
             return  # Optuna cannot prune multi-objective trials
         trial.report(metrics["val_bpd"], step)
-        if trial.should_prune():
+        if prunable and trial.should_prune():
             raise optuna.TrialPruned()
 
     return report
@@ -194,9 +204,9 @@ def _optuna_reporter(trial):
 # ---------------------------------------------------------------------- local executor
 def tell_outcome(study: optuna.Study, trial, outcome: TrialOutcome) -> None:
     """Record a trial's outcome in the study (values for complete/duplicate, else a state)."""
-    if outcome.state in ("COMPLETE", "DUPLICATE"):
+    if outcome.state in ("COMPLETE", "DUPLICATE") and outcome.values is not None:
         study.tell(trial, outcome.values)
-    elif outcome.state == "PRUNED":
+    elif outcome.state in ("PRUNED", "DUPLICATE"):  # a duplicate without a value repeats a pruned trial
         study.tell(trial, state=TrialState.PRUNED)
     else:
         study.tell(trial, state=TrialState.FAIL)
@@ -206,7 +216,8 @@ def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = Fal
     """Ask/run/tell until the study has ``spec.n_trials`` finished trials.  Returns trials run."""
     torch.set_num_threads(spec.budget.threads)
     study = open_study(spec, allow_spec_change=allow_spec_change, worker=worker)
-    ran = 0
+    ran = repeats = 0
+    space_size = finite_size(spec)
     deadline = time.time() + spec.time_budget_s if spec.time_budget_s else None
     while True:
         if deadline is not None and time.time() >= deadline:
@@ -215,7 +226,9 @@ def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = Fal
         with study_lock(spec):
             recover_stale(study)
             counts = count_trials(study)
-            if counts["decided"] + counts["running"] >= spec.n_trials:
+            reason = stop_reason(study, spec, counts, space_size, repeats)
+            if reason is not None:
+                (log.info if reason.startswith("n_trials=") else log.warning)("worker %d: stopping: %s", worker, reason)
                 break
             trial = study.ask()
             # claim it before releasing the lock: the artifact dir + a first heartbeat
@@ -232,6 +245,7 @@ def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = Fal
         tell_outcome(study, trial, outcome)
         (art_dir / "heartbeat.json").unlink(missing_ok=True)  # told: no longer claimed
         ran += 1
+        repeats = repeats + 1 if outcome.state in ("DUPLICATE", "INVALID") else 0
         _log_outcome(worker, outcome)
     return ran
 

@@ -315,15 +315,53 @@ def is_failed(t: optuna.trial.FrozenTrial) -> bool:
 
 
 def count_trials(study: optuna.Study) -> dict[str, int]:
-    """finished: decided trials that did not fail; failed: decided FAILs; decided: both (what the
-    stop rule counts, so that a search whose trials fail still ends)."""
+    """finished: decided trials that did not fail; failed: decided FAILs; decided: both;
+    duplicates: decided trials answered from an earlier trial's result (no training)."""
     trials = study.get_trials(deepcopy=False)
     decided = [t for t in trials if t.state.is_finished() and t.user_attrs.get(FINAL_ATTR)]
     failed = sum(1 for t in decided if is_failed(t))
+    duplicates = sum(1 for t in decided if t.user_attrs.get(OUTCOME_ATTR) == "DUPLICATE")
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
-    return {"finished": len(decided) - failed, "failed": failed, "decided": len(decided), "running": running,
-            "waiting": waiting, "total": len(trials)}
+    return {"finished": len(decided) - failed, "failed": failed, "decided": len(decided), "duplicates": duplicates,
+            "running": running, "waiting": waiting, "total": len(trials)}
+
+
+def budget_used(counts: dict[str, int]) -> int:
+    """Trials that count toward ``n_trials``: decided ones (failed included, so that a search
+    whose trials fail still ends) and running ones, but not duplicates, which cost nothing and
+    bring no new information."""
+    return counts["decided"] - counts["duplicates"] + counts["running"]
+
+
+MAX_REPEATS = 50  # consecutive answers without training (duplicates, invalid) before a search gives up
+
+
+def tried_configs(study: optuna.Study) -> int:
+    """Distinct searched (non-baseline) configurations the study has decided by training or
+    trying to train them (complete, pruned or failed; not invalid, not duplicates)."""
+    seen = set()
+    for t in study.get_trials(deepcopy=False):
+        if (t.state.is_finished() and t.user_attrs.get(FINAL_ATTR) and not t.user_attrs.get("baseline")
+                and t.user_attrs.get(OUTCOME_ATTR) in ("COMPLETE", "PRUNED", "FAIL")):
+            seen.add(t.user_attrs.get("config_hash"))
+    return len(seen)
+
+
+def stop_reason(study: optuna.Study, spec: SearchSpec, counts: dict[str, int], space_size: Optional[int],
+                repeats: int = 0) -> Optional[str]:
+    """Why no new trial should start, or None: n_trials reached (duplicates not counted), the
+    finite space exhausted at this budget, or the sampler only repeating itself."""
+    if budget_used(counts) >= spec.n_trials:
+        return f"n_trials={spec.n_trials} reached ({counts['duplicates']} duplicate(s) answered without training)"
+    # (a space without any valid configuration runs on: its INVALID rows say why)
+    if space_size and counts["waiting"] == 0 and tried_configs(study) >= space_size:
+        return (f"search space exhausted: all {space_size} distinct configurations have been tried at this budget "
+                f"({budget_used(counts)} of n_trials={spec.n_trials} used)")
+    if repeats >= MAX_REPEATS:
+        return (f"the sampler proposed only already-seen or invalid configurations for {repeats} trials in a row: "
+                f"the space looks exhausted at this budget")
+    return None
 
 
 def failure_summary(study: optuna.Study, limit: int = 3, width: int = 160) -> str:

@@ -6,6 +6,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 
 class EMA:
@@ -13,14 +14,21 @@ class EMA:
         self.params = list(params)
         self.decay = float(decay)
         self.shadow = [p.detach().clone() for p in self.params]
+        # one multi-tensor update per dtype (network float32, process float64)
+        self._groups: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        for s, p in zip(self.shadow, self.params):
+            shadows, live = self._groups.setdefault(p.dtype, ([], []))
+            shadows.append(s)
+            live.append(p)  # read under no_grad in update()
 
     @torch.no_grad()
     def update(self, step: int | None = None) -> None:
         """shadow <- d shadow + (1 - d) param, with d warmed up as min(decay, (1+step)/(10+step))
         so that short runs are not evaluated on their initialization."""
         decay = self.decay if step is None else min(self.decay, (1.0 + step) / (10.0 + step))
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach(), 1.0 - decay)
+        update = get_ema_multi_avg_fn(decay)
+        for shadows, live in self._groups.values():
+            update(shadows, live, None)
 
     @contextmanager
     def applied(self):

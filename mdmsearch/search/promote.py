@@ -1,0 +1,91 @@
+"""Promote a searched configuration: the run config of a study's trial (or its best one), to
+train again at full budget with `mdmsearch train --from-trial STUDY/N --steps 20000 --out DIR`.
+
+Search runs at small fidelity; the chosen trial's saved ``config.yaml`` (written by the
+trainer into the trial's artifact directory) is the exact configuration it trained, so the
+promoted run differs only in what the command line overrides (steps, seed, device, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Optional
+
+from ..errors import ConfigError
+from .study import FINAL_ATTR, OUTCOME_ATTR
+
+log = logging.getLogger(__name__)
+
+_REF = re.compile(r"^(?P<study>[A-Za-z0-9_.-]+)/(?P<trial>\d+|best)$")
+
+
+def parse_trial_ref(ref: str) -> tuple[str, Optional[int]]:
+    """``STUDY/N`` or ``STUDY/best`` -> (study, N or None for best)."""
+    m = _REF.match(ref.strip())
+    if m is None:
+        raise ConfigError(f"--from-trial {ref!r}: expected STUDY/N (a trial number) or STUDY/best, e.g. aux3/9")
+    trial = m.group("trial")
+    return m.group("study"), None if trial == "best" else int(trial)
+
+
+def _open(study_name: str, studies_dir: str | Path, storage: Optional[str]):
+    import optuna
+
+    from ..preflight import journal_path, normalize_storage
+    from .study import make_storage
+
+    url = normalize_storage(storage, Path(studies_dir) / study_name / "journal.log")
+    jp = journal_path(url)
+    if jp is not None and not jp.is_file():
+        raise ConfigError(f"--from-trial: no study {study_name!r} under {studies_dir}/ (give --studies-dir or --storage)")
+    try:
+        return optuna.load_study(study_name=study_name, storage=make_storage(url))
+    except KeyError:
+        raise ConfigError(f"--from-trial: no study {study_name!r} in {url}") from None
+
+
+def _best(study):
+    """The completed, trained (not duplicate) trial with the lowest first objective."""
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get(FINAL_ATTR) and t.user_attrs.get(OUTCOME_ATTR) == "COMPLETE" and t.values]
+    if not done:
+        raise ConfigError(f"--from-trial {study.study_name}/best: the study has no completed trial yet")
+    return min(done, key=lambda t: t.values[0])
+
+
+def trial_run_config(ref: str, studies_dir: str | Path = "studies", storage: Optional[str] = None) -> tuple[dict, str]:
+    """The saved run config (a dict, as in a run-config YAML) of the trial ``ref`` and a
+    description of where it came from."""
+    import yaml
+
+    study_name, number = parse_trial_ref(ref)
+    study = _open(study_name, studies_dir, storage)
+    if number is None:
+        trial = _best(study)
+    else:
+        trials = study.get_trials(deepcopy=False)
+        if not 0 <= number < len(trials):
+            raise ConfigError(f"--from-trial {ref}: study {study_name!r} has trials 0..{len(trials) - 1}")
+        trial = trials[number]
+    first = trial.user_attrs.get("duplicate_of")
+    if first is not None:  # answered from an earlier trial: that one trained this configuration
+        trial = study.get_trials(deepcopy=False)[int(first)]
+    outcome = trial.user_attrs.get(OUTCOME_ATTR)
+    if outcome in ("INVALID", "FAIL") or trial.user_attrs.get("artifact_dir") is None:
+        raise ConfigError(f"--from-trial {ref}: trial {trial.number} did not train ({outcome or trial.state.name}"
+                          f"{': ' + str(trial.user_attrs['reason']) if trial.user_attrs.get('reason') else ''})")
+    path = Path(trial.user_attrs["artifact_dir"]) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--from-trial {ref}: {path} is missing (the trial's artifacts were moved or deleted)")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ConfigError(f"--from-trial {ref}: {path} is not a run config")
+    data.setdefault("train", {})["progress"] = True  # trials train silently; a promoted run shows progress
+    val = trial.values[0] if trial.values else None
+    where = f"trial {trial.number} of study {study_name}" + (f" (val_bpd {val:.4f})" if val is not None else "")
+    log.info("training the configuration of %s", where)
+    return data, where
