@@ -12,7 +12,19 @@ class InvalidStructureError(MDMError, ValueError):
 
 
 class CholeskyError(MDMError, RuntimeError):
-    """The transition covariance is not positive definite for the current Q and D."""
+    """The transition covariance is not positive definite for the current Q and D.
+
+    Its data are attributes, so that callers never parse the message: ``process`` (name),
+    ``t`` (the first failing time, or None), ``Q`` and ``D`` (nested lists)."""
+
+    def __init__(self, message: str, *, process: str = "", t: float | None = None, Q=None, D=None):
+        super().__init__(message)
+        self.process, self.t, self.Q, self.D = process, t, Q, D
+
+    @property
+    def where(self) -> str:
+        """'at t=0.0024 for process 'learned'' -- the failure without the matrices."""
+        return (f"at t={self.t:.3g} " if self.t is not None else "") + f"for process {self.process!r}"
 
 
 class NonFiniteLossError(MDMError, RuntimeError):

@@ -88,6 +88,11 @@ def _partition(root: Path, dataset: str, study: str) -> Path:
     return Path(root) / f"dataset={dataset}" / f"study={study}"
 
 
+def trial_path(root: str | Path, dataset: str, study: str, trial: int) -> Path:
+    """The file of one trial's row (or learning curve, under the curves root)."""
+    return _partition(Path(root), dataset, study) / f"trial-{int(trial)}.parquet"
+
+
 def _atomic_parquet(table: pa.Table, path: Path) -> None:
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
@@ -106,7 +111,7 @@ def write_trial(root: str | Path, dataset: str, study: str, row: dict) -> Path:
     full = {k: [_clean(row.get(k))] for k in COLUMNS}
     full["schema_version"] = [SCHEMA_VERSION]
     table = pa.table(full, schema=SCHEMA)
-    path = _partition(Path(root), dataset, study) / f"trial-{int(row['trial'])}.parquet"
+    path = trial_path(root, dataset, study, row["trial"])
     _atomic_parquet(table, path)
     return path
 
@@ -116,7 +121,7 @@ def write_curve(root: str | Path, dataset: str, study: str, trial: int, history:
     cols = {f.name: [_clean(r.get(f.name)) for r in rows] for f in CURVE_SCHEMA if f.name != "trial"}
     cols["trial"] = [int(trial)] * len(rows)
     table = pa.table({f.name: cols[f.name] for f in CURVE_SCHEMA}, schema=CURVE_SCHEMA)
-    path = _partition(Path(root), dataset, study) / f"trial-{int(trial)}.parquet"
+    path = trial_path(root, dataset, study, trial)
     _atomic_parquet(table, path)
     return path
 

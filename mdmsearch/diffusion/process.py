@@ -150,11 +150,12 @@ class LinearMDM(nn.Module):
         chol, info = torch.linalg.cholesky_ex(sigma)
         if bool((info != 0).any()):
             bad = int(torch.nonzero(info)[0, 0])
-            when = f" at t={float(t[bad]):.3g}" if t is not None else ""
+            at = float(t[bad]) if t is not None else None
+            when = f" at t={at:.3g}" if at is not None else ""
             raise CholeskyError(
                 f"transition covariance is not positive definite{when} for process {self.name!r} "
-                f"with Q={_fmt(self.Q)} D={_fmt(self.D)} (no jitter is added; check the structure)"
-            )
+                f"with Q={_fmt(self.Q)} D={_fmt(self.D)} (no jitter is added; check the structure)",
+                process=self.name, t=at, Q=self.Q.detach().tolist(), D=self.D.detach().tolist())
         return chol
 
     def kernel(self, t, given: str = "x") -> Kernel:

@@ -144,7 +144,7 @@ def study_status(study) -> dict:
     """Counts by state, decided trials with FAILs apart, the best trial, timing and ETA."""
     from optuna.trial import TrialState
 
-    from .study import FINAL_ATTR, OUTCOME_ATTR, count_trials, failure_summary
+    from .study import FINAL_ATTR, OUTCOME_ATTR, Outcome, count_trials, failure_summary
 
     trials = study.get_trials(deepcopy=False)
     by_state: dict[str, int] = {}
@@ -167,7 +167,7 @@ def study_status(study) -> dict:
         label = best.user_attrs.get("baseline") or f"learned {json.dumps(dict(best.params))}"
         info["best"] = {"trial": best.number, "val_bpd": best.values[0], "label": label}
     times = [(t.datetime_complete - t.datetime_start).total_seconds() for t in complete
-             if t.datetime_complete and t.datetime_start and t.user_attrs.get(OUTCOME_ATTR) != "DUPLICATE"]
+             if t.datetime_complete and t.datetime_start and t.user_attrs.get(OUTCOME_ATTR) != Outcome.DUPLICATE]
     if times:
         info["mean_trial_seconds"] = sum(times) / len(times)
         if info["target"]:

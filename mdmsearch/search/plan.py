@@ -223,6 +223,6 @@ def factorizable_at(process, t_min: float) -> StructureCheck:
             process.kernel(t[:1], given="xv")  # the truncation term
     except CholeskyError as exc:
         return StructureCheck(False, f"covariance on [t_min={t_min:g}, T] is not positive definite in float64 for the "
-                                     f"initial Q, D ({str(exc).split(' with Q=')[0]}); raise budget.t_min or free more "
+                                     f"initial Q, D (transition covariance is not positive definite {exc.where}); raise budget.t_min or free more "
                                      "entries of D")
     return StructureCheck(True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError
+from .lifecycle import ARTIFACT_ATTR, Outcome
 from .study import FINAL_ATTR, OUTCOME_ATTR
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ def _best(study):
     from optuna.trial import TrialState
 
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs.get(FINAL_ATTR) and t.user_attrs.get(OUTCOME_ATTR) == "COMPLETE" and t.values]
+            if t.user_attrs.get(FINAL_ATTR) and t.user_attrs.get(OUTCOME_ATTR) == Outcome.COMPLETE and t.values]
     if not done:
         raise ConfigError(f"--from-trial {study.study_name}/best: the study has no completed trial yet")
     return min(done, key=lambda t: t.values[0])
@@ -75,10 +76,10 @@ def trial_run_config(ref: str, studies_dir: str | Path = "studies", storage: Opt
     if first is not None:  # answered from an earlier trial: that one trained this configuration
         trial = study.get_trials(deepcopy=False)[int(first)]
     outcome = trial.user_attrs.get(OUTCOME_ATTR)
-    if outcome in ("INVALID", "FAIL") or trial.user_attrs.get("artifact_dir") is None:
+    if outcome in (Outcome.INVALID, Outcome.FAIL) or trial.user_attrs.get(ARTIFACT_ATTR) is None:
         raise ConfigError(f"--from-trial {ref}: trial {trial.number} did not train ({outcome or trial.state.name}"
                           f"{': ' + str(trial.user_attrs['reason']) if trial.user_attrs.get('reason') else ''})")
-    path = Path(trial.user_attrs["artifact_dir"]) / "config.yaml"
+    path = Path(trial.user_attrs[ARTIFACT_ATTR]) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"--from-trial {ref}: {path} is missing (the trial's artifacts were moved or deleted)")
     data = yaml.safe_load(path.read_text())

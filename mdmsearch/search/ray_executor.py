@@ -38,8 +38,10 @@ import optuna
 from optuna.trial import TrialState
 
 from ..errors import MDMError
+from ..training.trainer import CHECKPOINT
 from .plan import suggest_plan
 from .spec import SearchSpec
+from .lifecycle import Deadline, artifact_dir, claim, row_path, tell
 from .space import finite_size
 from .study import (FINAL_ATTR, Heartbeat, count_trials, is_stale, make_sampler, make_storage, open_study,
                     budget_used, pid_alive, record_run, recover_stale, retry_trial, stop_reason, storage_url,
@@ -70,13 +72,14 @@ except ImportError:  # pragma: no cover - exercised without Ray installed
     _HAVE_RAY = False
 
 _IN_REPORT = threading.Event()  # set while the trial thread waits inside tune.report
-_TARGETS: dict[str, int] = {}  # study -> n_trials of the current run_ray call (a restored searcher has the old one)
-_DEADLINES: dict[str, float] = {}  # study -> time.time() after which no new trial is asked (spec.time_budget_s)
+# a searcher restored from an experiment checkpoint carries the spec of the run that created it:
+# the current run_ray call's n_trials and time budget are kept here, per study (driver process)
+_TARGETS: dict[str, int] = {}  # study -> n_trials of the current run_ray call
+_DEADLINES: dict[str, Deadline] = {}  # study -> the current run's time budget
 
 
 def _past_deadline(study: str) -> bool:
-    deadline = _DEADLINES.get(study)
-    return deadline is not None and time.time() >= deadline
+    return study in _DEADLINES and _DEADLINES[study].passed()
 
 
 class _Interrupted(BaseException):
@@ -209,12 +212,8 @@ if _HAVE_RAY:
                 if _past_deadline(spec.study):  # like the local workers: running trials finish
                     log.info("time budget of %.0fs used up: no new trials", spec.time_budget_s or 0)
                     return Searcher.FINISHED
-                ot_trial = self._ot_study.ask()
-                art_id = ot_trial.user_attrs.get("artifact_id", ot_trial.number)
-                art_dir = spec.study_dir / "trials" / str(art_id)
-                ot_trial.set_user_attr("artifact_dir", str(art_dir))
-                ot_trial.set_user_attr(DRIVER_ATTR, _driver_id())
-                Heartbeat(art_dir, ot_trial.number).beat()  # claimed by the driver until the trial starts
+                # claimed by the driver until the trial starts
+                ot_trial = claim(self._ot_study, spec, **{DRIVER_ATTR: _driver_id()})
             self._ot_trials[trial_id] = ot_trial
             return self._suggest_from_define_by_run_func(self._space, ot_trial)
 
@@ -306,10 +305,6 @@ def _owner_gone(t: optuna.trial.FrozenTrial) -> bool:
     return is_stale(t)
 
 
-def _row_path(spec: SearchSpec, number: int) -> Path:
-    return spec.leaderboard_root / f"dataset={spec.data.name}" / f"study={spec.study}" / f"trial-{number}.parquet"
-
-
 def _settle(spec: SearchSpec, study: optuna.Study, trial_id: int, number: int) -> Optional[str]:
     """Tell the study the outcome of a trial whose row was written (FINAL set) by a worker
     that died before telling.  Returns the state told, None if there was no row."""
@@ -317,7 +312,7 @@ def _settle(spec: SearchSpec, study: optuna.Study, trial_id: int, number: int) -
 
     import pyarrow as pa
 
-    path = _row_path(spec, number)
+    path = row_path(spec, number)
     if not path.exists():
         return None
     try:
@@ -326,16 +321,13 @@ def _settle(spec: SearchSpec, study: optuna.Study, trial_id: int, number: int) -
         log.warning("trial %d: unreadable leaderboard row %s (%s); the trial is retried", number, path, exc)
         return None
     state = row["state"]
+    values = None
+    if row.get(METRIC) is not None:
+        values = [row[METRIC]]
+        if spec.objective.second is not None:
+            values.append(float(row.get(spec.objective.second) or math.nan))
     try:
-        if state in ("COMPLETE", "DUPLICATE") and row.get(METRIC) is not None:
-            values = [row[METRIC]]
-            if spec.objective.second is not None:
-                values.append(float(row.get(spec.objective.second) or math.nan))
-            study.tell(number, values)
-        elif state in ("PRUNED", "DUPLICATE"):  # a duplicate without a value repeats a pruned trial
-            study.tell(number, state=TrialState.PRUNED)
-        else:
-            study.tell(number, state=TrialState.FAIL)
+        tell(study, number, state, values)
     except (RuntimeError, ValueError) as exc:  # told meanwhile
         log.debug("trial %d: %s", number, exc)
     return state
@@ -361,8 +353,7 @@ def _claim_and_recover(spec: SearchSpec, study: optuna.Study, keep: set[int]) ->
                 continue
             if resumed:
                 study._storage.set_trial_user_attr(t._trial_id, DRIVER_ATTR, _driver_id())
-                art = t.user_attrs.get("artifact_dir") or str(spec.study_dir / "trials" / str(t.number))
-                Heartbeat(Path(art), t.number).beat()
+                Heartbeat(artifact_dir(spec, t), t.number).beat()
             elif isinstance(t.user_attrs.get(DRIVER_ATTR), dict):
                 log.warning("trial %d was left RUNNING by a dead Ray driver: re-queued to resume from its "
                             "checkpoint", t.number)
@@ -476,10 +467,7 @@ def run_ray(spec: SearchSpec, address: Optional[str] = None, allow_spec_change: 
     record_run(study, spec, "ray")  # the same attributes as a local run (status, ETA)
     counts = count_trials(study)
     _TARGETS[spec.study] = spec.n_trials
-    if spec.time_budget_s:
-        _DEADLINES[spec.study] = time.time() + spec.time_budget_s
-    else:
-        _DEADLINES.pop(spec.study, None)
+    _DEADLINES[spec.study] = Deadline(spec.time_budget_s)
     if not _done(study, spec, finite_size(spec)):
         started = False
         if not ray.is_initialized():
@@ -516,16 +504,16 @@ class _TuneReporter:
 
         from ..training.checkpoint import atomic_write_json
 
-        src = self.art_dir / "checkpoint.pt"
+        src = self.art_dir / CHECKPOINT
         d = self.art_dir / TUNE_CHECKPOINT_DIR
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / ".checkpoint.pt.tmp"
+        tmp = d / f".{CHECKPOINT}.tmp"
         tmp.unlink(missing_ok=True)
         try:
             os.link(src, tmp)  # the trainer replaces checkpoint.pt atomically: a link is a snapshot
         except OSError:
             shutil.copy2(src, tmp)
-        os.replace(tmp, d / "checkpoint.pt")
+        os.replace(tmp, d / CHECKPOINT)
         atomic_write_json(d / "meta.json", {"step": int(step), "trial": self.trial.number})
         return tune.Checkpoint.from_directory(str(d))
 
@@ -563,10 +551,10 @@ def _restore_tune_checkpoint(art_dir: Path) -> None:
     if ckpt is None:
         return
     with ckpt.as_directory() as d:
-        src = Path(d) / "checkpoint.pt"
+        src = Path(d) / CHECKPOINT
         if not src.exists():
             return
-        dst = art_dir / "checkpoint.pt"
+        dst = art_dir / CHECKPOINT
         if dst.exists():
             from ..training.checkpoint import load_checkpoint
 
@@ -579,7 +567,7 @@ def _restore_tune_checkpoint(art_dir: Path) -> None:
             except Exception:  # noqa: BLE001 - unreadable local checkpoint: take Tune's
                 pass
         art_dir.mkdir(parents=True, exist_ok=True)
-        tmp = art_dir / ".checkpoint.pt.from-tune"
+        tmp = art_dir / f".{CHECKPOINT}.from-tune"
         shutil.copy2(src, tmp)
         os.replace(tmp, dst)
         log.info("restored %s from the Tune checkpoint", dst)
@@ -639,8 +627,7 @@ def _trial_main(config: dict) -> None:
                                       frozen.user_attrs.get("steps", spec.budget.steps)))
             return
     trial = optuna.trial.Trial(study, trial_id)
-    art_id = frozen.user_attrs.get("artifact_id", frozen.number)
-    art_dir = spec.study_dir / "trials" / str(art_id)
+    art_dir = artifact_dir(spec, frozen)
     _restore_tune_checkpoint(art_dir)
     reporter = _TuneReporter(trial, spec, art_dir)
     try:

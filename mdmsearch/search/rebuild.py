@@ -21,7 +21,8 @@ import pyarrow.parquet as pq
 from optuna.trial import TrialState
 
 from ..errors import MDMError
-from ..leaderboard import write_curve, write_trial
+from ..leaderboard import trial_path, write_curve, write_trial
+from .lifecycle import Outcome, artifact_dir, row_path
 from .plan import suggest_plan
 from .runner import _base_row, _json
 from .spec import SearchSpec
@@ -54,15 +55,16 @@ def _utc(dt):
 
 
 def _state(t: optuna.trial.FrozenTrial) -> str:
-    return t.user_attrs.get(OUTCOME_ATTR) or {TrialState.COMPLETE: "COMPLETE", TrialState.PRUNED: "PRUNED"}.get(
-        t.state, "FAIL")
+    if t.user_attrs.get(OUTCOME_ATTR):
+        return str(t.user_attrs[OUTCOME_ATTR])
+    return {TrialState.COMPLETE: Outcome.COMPLETE, TrialState.PRUNED: Outcome.PRUNED}.get(t.state, Outcome.FAIL).value
 
 
 def row_from_trial(spec: SearchSpec, t: optuna.trial.FrozenTrial, executor: str) -> dict:
     plan = suggest_plan(optuna.trial.FixedTrial(dict(t.params), number=t.number), spec,
                         baseline=t.user_attrs.get("baseline"))
     row = _base_row(spec, t.number, plan, executor, _utc(t.datetime_start))
-    art = Path(t.user_attrs.get("artifact_dir", spec.study_dir / "trials" / str(t.number)))
+    art = artifact_dir(spec, t)
     row.update(state=_state(t), reason=t.user_attrs.get("reason"), retry_of=t.user_attrs.get("retry_of"),
                duplicate_of=t.user_attrs.get("duplicate_of"), artifact_dir=str(art),
                finished_at=_utc(t.datetime_complete))
@@ -72,7 +74,7 @@ def row_from_trial(spec: SearchSpec, t: optuna.trial.FrozenTrial, executor: str)
         row["val_bpd"] = t.values[0]
     row["test_bpd"], row["steps"] = t.user_attrs.get("test_bpd"), t.user_attrs.get("steps")
     metrics_path = art / "metrics.json"
-    if row["state"] == "COMPLETE" and metrics_path.is_file():
+    if row["state"] == Outcome.COMPLETE and metrics_path.is_file():
         try:
             metrics = json.loads(metrics_path.read_text())
         except (OSError, ValueError) as exc:
@@ -97,15 +99,15 @@ def rebuild(spec: SearchSpec, study: optuna.Study) -> dict:
     for t in study.get_trials(deepcopy=False):
         if not (t.state.is_finished() and t.user_attrs.get(FINAL_ATTR)):
             continue
-        part = Path(f"dataset={spec.data.name}") / f"study={spec.study}" / f"trial-{t.number}.parquet"
-        if (spec.leaderboard_root / part).exists() and readable(spec.leaderboard_root / part):
+        row_file = row_path(spec, t.number)
+        if row_file.exists() and readable(row_file):
             kept += 1
         else:
             write_trial(spec.leaderboard_root, spec.data.name, spec.study, row_from_trial(spec, t, executor))
             rows.append(t.number)
-        curve = spec.curves_root / part
+        curve = trial_path(spec.curves_root, spec.data.name, spec.study, t.number)
         if not (curve.exists() and readable(curve)):
-            art = Path(t.user_attrs.get("artifact_dir", spec.study_dir / "trials" / str(t.number)))
+            art = artifact_dir(spec, t)
             history = read_history(art / "history.csv")
             if history:
                 write_curve(spec.curves_root, spec.data.name, spec.study, t.number, history)

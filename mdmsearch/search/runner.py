@@ -24,6 +24,7 @@ from ..training import Trainer
 from ..training.checkpoint import atomic_write_json
 from .plan import TrialPlan, suggest_plan
 from .spec import SearchSpec
+from .lifecycle import ARTIFACT_ATTR, Deadline, Outcome, artifact_dir, claim, tell
 from .space import finite_size
 from .study import (FINAL_ATTR, OUTCOME_ATTR, Heartbeat, count_trials, open_study, record_run, recover_stale,
                     stop_reason, study_lock)
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrialOutcome:
-    state: str  # COMPLETE | PRUNED | FAIL | INVALID | DUPLICATE
+    state: Outcome
     values: Optional[list[float]]
     row: dict
 
@@ -104,24 +105,24 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
     number = trial.number
     baseline = trial.user_attrs.get("baseline") if hasattr(trial, "user_attrs") else None
     plan = suggest_plan(trial, spec, baseline=baseline)
+    art_dir = artifact_dir(spec, trial)
     artifact_id = trial.user_attrs.get("artifact_id", number)
-    art_dir = spec.study_dir / "trials" / str(artifact_id)
     row = _base_row(spec, number, plan, executor, started)
     row["retry_of"] = trial.user_attrs.get("retry_of")
     row["artifact_dir"] = str(art_dir)
     trial.set_user_attr("config_hash", row["config_hash"])
-    trial.set_user_attr("artifact_dir", str(art_dir))
+    trial.set_user_attr(ARTIFACT_ATTR, str(art_dir))
     trial.set_user_attr("artifact_id", artifact_id)
 
-    def done(state: str, values, reason: Optional[str] = None, **extra) -> TrialOutcome:
-        row.update(state=state, reason=reason, wall_seconds=time.perf_counter() - t0,
+    def done(state: Outcome, values, reason: Optional[str] = None, **extra) -> TrialOutcome:
+        row.update(state=state.value, reason=reason, wall_seconds=time.perf_counter() - t0,
                    finished_at=datetime.now(timezone.utc), **extra)
         try:
             write_trial(spec.leaderboard_root, spec.data.name, spec.study, row)
         except OSError as exc:  # full disk: the study still learns the outcome; the row can be rebuilt
             log.warning("trial %d: leaderboard row not written (%s); once there is space, "
                         "`mdmsearch rebuild %s` writes it", number, exc, spec.study)
-        trial.set_user_attr(OUTCOME_ATTR, state)
+        trial.set_user_attr(OUTCOME_ATTR, state.value)
         trial.set_user_attr(FINAL_ATTR, True)
         if reason:
             trial.set_user_attr("reason", reason)
@@ -130,7 +131,7 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
     check = plan.check(spec)
     if not check.valid:
         log.info("trial %d: invalid structure rejected before training: %s", number, check.reason)
-        return done("INVALID", None, reason=check.reason)
+        return done(Outcome.INVALID, None, reason=check.reason)
     if study is not None:
         dup = find_duplicate(study, row["config_hash"], number)
         if dup is not None:
@@ -138,9 +139,9 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
             log.info("trial %d duplicates trial %d: answered from its result", number, dup.number)
             first = dup.user_attrs
             if dup.state == TrialState.PRUNED:  # told as pruned again, without a value
-                return done("DUPLICATE", None, reason=f"duplicate of trial {dup.number}, which was pruned",
+                return done(Outcome.DUPLICATE, None, reason=f"duplicate of trial {dup.number}, which was pruned",
                             duplicate_of=dup.number, steps=first.get("steps"))
-            return done("DUPLICATE", list(dup.values), duplicate_of=dup.number, val_bpd=dup.values[0],
+            return done(Outcome.DUPLICATE, list(dup.values), duplicate_of=dup.number, val_bpd=dup.values[0],
                         test_bpd=first.get("test_bpd"), steps=first.get("steps"))
 
     config = plan.run_config(spec)
@@ -158,23 +159,23 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
     except optuna.TrialPruned:
         last = trainer.history[-1] if trainer.history else {}
         _write_curve(spec, number, trainer.history)
-        return done("PRUNED", None, reason=f"pruned at step {trainer.step}", val_bpd=last.get("val_bpd"),
+        return done(Outcome.PRUNED, None, reason=f"pruned at step {trainer.step}", val_bpd=last.get("val_bpd"),
                     best_val_bpd=trainer.best_val, steps=trainer.step, train_seconds=trainer.train_seconds,
                     n_params=trainer.n_params)
     except MDMError as exc:  # NaN loss, failed Cholesky, invalid process: a decided failure
         log.warning("trial %d failed: %s", number, exc)
-        return done("FAIL", None, reason=str(exc))
+        return done(Outcome.FAIL, None, reason=str(exc))
     except OSError as exc:  # disk full, quota, I/O error writing checkpoints or artifacts
         reason = f"cannot write trial artifacts: {exc.strerror or exc} (errno {exc.errno})"
         log.warning("trial %d failed: %s (%s)", number, reason, exc.filename or art_dir)
-        return done("FAIL", None, reason=reason, steps=trainer.step if trainer is not None else None)
+        return done(Outcome.FAIL, None, reason=reason, steps=trainer.step if trainer is not None else None)
     _write_curve(spec, number, trainer.history)
     trial.set_user_attr("test_bpd", metrics["test_bpd"])
     trial.set_user_attr("steps", metrics["steps"])
     values = [metrics["val_bpd"]]
     if spec.objective.second:
         values.append(float(metrics[spec.objective.second]))
-    return done("COMPLETE", values, val_bpd=metrics["val_bpd"], val_bpd_se=metrics["val_bpd_se"],
+    return done(Outcome.COMPLETE, values, val_bpd=metrics["val_bpd"], val_bpd_se=metrics["val_bpd_se"],
                 test_bpd=metrics["test_bpd"], best_val_bpd=metrics["best_val_bpd"],
                 prior_kl_per_dim=metrics["prior_kl_per_dim"], steps=metrics["steps"],
                 train_seconds=metrics["train_seconds"], n_params=metrics["n_params"],
@@ -203,13 +204,8 @@ def _optuna_reporter(trial, prunable: bool = True):
 
 # ---------------------------------------------------------------------- local executor
 def tell_outcome(study: optuna.Study, trial, outcome: TrialOutcome) -> None:
-    """Record a trial's outcome in the study (values for complete/duplicate, else a state)."""
-    if outcome.state in ("COMPLETE", "DUPLICATE") and outcome.values is not None:
-        study.tell(trial, outcome.values)
-    elif outcome.state in ("PRUNED", "DUPLICATE"):  # a duplicate without a value repeats a pruned trial
-        study.tell(trial, state=TrialState.PRUNED)
-    else:
-        study.tell(trial, state=TrialState.FAIL)
+    """Record a trial's outcome in the study (see :func:`lifecycle.tell`)."""
+    tell(study, trial, outcome.state, outcome.values)
 
 
 def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = False) -> int:
@@ -218,9 +214,9 @@ def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = Fal
     study = open_study(spec, allow_spec_change=allow_spec_change, worker=worker)
     ran = repeats = 0
     space_size = finite_size(spec)
-    deadline = time.time() + spec.time_budget_s if spec.time_budget_s else None
+    deadline = Deadline(spec.time_budget_s)
     while True:
-        if deadline is not None and time.time() >= deadline:
+        if deadline.passed():
             log.info("worker %d: time budget of %.0fs used up", worker, spec.time_budget_s)
             break
         with study_lock(spec):
@@ -230,12 +226,8 @@ def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = Fal
             if reason is not None:
                 (log.info if reason.startswith("n_trials=") else log.warning)("worker %d: stopping: %s", worker, reason)
                 break
-            trial = study.ask()
-            # claim it before releasing the lock: the artifact dir + a first heartbeat
-            art_id = trial.user_attrs.get("artifact_id", trial.number)
-            art_dir = spec.study_dir / "trials" / str(art_id)
-            trial.set_user_attr("artifact_dir", str(art_dir))
-            Heartbeat(art_dir, trial.number).beat()
+            trial = claim(study, spec)  # before releasing the lock: the artifact dir + a first heartbeat
+            art_dir = artifact_dir(spec, trial)
         log.info("worker %d: trial %d (%d/%d finished)", worker, trial.number, counts["finished"], spec.n_trials)
         try:
             outcome = execute_trial(trial, spec, executor="local", study=study)
@@ -245,7 +237,7 @@ def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = Fal
         tell_outcome(study, trial, outcome)
         (art_dir / "heartbeat.json").unlink(missing_ok=True)  # told: no longer claimed
         ran += 1
-        repeats = repeats + 1 if outcome.state in ("DUPLICATE", "INVALID") else 0
+        repeats = repeats + 1 if outcome.state in (Outcome.DUPLICATE, Outcome.INVALID) else 0
         _log_outcome(worker, outcome)
     return ran
 

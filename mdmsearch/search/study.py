@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
+from enum import Enum
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -304,14 +305,27 @@ def recover_stale(study: optuna.Study) -> list[int]:
     return retried
 
 
-OUTCOME_ATTR = "outcome"  # user attr: COMPLETE | PRUNED | FAIL | INVALID | DUPLICATE (INVALID is told as FAIL)
+OUTCOME_ATTR = "outcome"  # user attr: an Outcome value (INVALID is told to Optuna as FAIL)
+
+
+class Outcome(str, Enum):
+    """How a decided trial ended (the leaderboard's ``state`` column)."""
+
+    COMPLETE = "COMPLETE"  # trained to the full budget and evaluated
+    PRUNED = "PRUNED"  # stopped early by the pruner / scheduler
+    FAIL = "FAIL"  # a decided failure: non-finite loss, failed Cholesky, an I/O error
+    INVALID = "INVALID"  # rejected before training (structure cannot reach the target, or no float64 factor)
+    DUPLICATE = "DUPLICATE"  # answered from an earlier trial of the same configuration
+
+    def __str__(self) -> str:
+        return self.value
 
 
 def is_failed(t: optuna.trial.FrozenTrial) -> bool:
     """A decided trial that failed (not an INVALID structure, which is also told as FAIL)."""
     if not (t.state == TrialState.FAIL and t.user_attrs.get(FINAL_ATTR)):
         return False
-    return t.user_attrs.get(OUTCOME_ATTR, "FAIL") == "FAIL"
+    return t.user_attrs.get(OUTCOME_ATTR, Outcome.FAIL) == Outcome.FAIL
 
 
 def count_trials(study: optuna.Study) -> dict[str, int]:
@@ -320,7 +334,7 @@ def count_trials(study: optuna.Study) -> dict[str, int]:
     trials = study.get_trials(deepcopy=False)
     decided = [t for t in trials if t.state.is_finished() and t.user_attrs.get(FINAL_ATTR)]
     failed = sum(1 for t in decided if is_failed(t))
-    duplicates = sum(1 for t in decided if t.user_attrs.get(OUTCOME_ATTR) == "DUPLICATE")
+    duplicates = sum(1 for t in decided if t.user_attrs.get(OUTCOME_ATTR) == Outcome.DUPLICATE)
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
     return {"finished": len(decided) - failed, "failed": failed, "decided": len(decided), "duplicates": duplicates,
@@ -343,7 +357,7 @@ def tried_configs(study: optuna.Study) -> int:
     seen = set()
     for t in study.get_trials(deepcopy=False):
         if (t.state.is_finished() and t.user_attrs.get(FINAL_ATTR) and not t.user_attrs.get("baseline")
-                and t.user_attrs.get(OUTCOME_ATTR) in ("COMPLETE", "PRUNED", "FAIL")):
+                and t.user_attrs.get(OUTCOME_ATTR) in (Outcome.COMPLETE, Outcome.PRUNED, Outcome.FAIL)):
             seen.add(t.user_attrs.get("config_hash"))
     return len(seen)
 

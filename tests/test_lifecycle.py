@@ -1,0 +1,68 @@
+"""The shared trial life cycle: outcomes, how they are told to Optuna, paths, claims, deadlines."""
+
+import json
+import time
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from mdmsearch.errors import CholeskyError
+from mdmsearch.search.lifecycle import Deadline, Outcome, artifact_dir, claim, row_path, tell
+from mdmsearch.search.spec import SearchSpec
+
+
+@pytest.fixture
+def spec(tmp_path):
+    return SearchSpec.model_validate({"study": "lc", "studies_dir": str(tmp_path / "studies")})
+
+
+@pytest.mark.parametrize("state, values, told", [
+    (Outcome.COMPLETE, [2.0], TrialState.COMPLETE),
+    (Outcome.DUPLICATE, [2.0], TrialState.COMPLETE),  # a duplicate of a complete trial: its value
+    (Outcome.DUPLICATE, None, TrialState.PRUNED),  # a duplicate of a pruned trial: pruned again
+    (Outcome.PRUNED, None, TrialState.PRUNED),
+    (Outcome.FAIL, None, TrialState.FAIL),
+    (Outcome.INVALID, None, TrialState.FAIL),
+    ("COMPLETE", [1.5], TrialState.COMPLETE),  # rows store the plain string
+])
+def test_every_outcome_is_told_one_way(state, values, told):
+    study = optuna.create_study()
+    trial = study.ask()
+    tell(study, trial, state, values)
+    frozen = study.trials[0]
+    assert frozen.state == told and (frozen.values == values if values else frozen.values is None)
+
+
+def test_claim_records_the_artifact_dir_attrs_and_a_heartbeat(spec):
+    study = optuna.create_study()
+    trial = claim(study, spec, ray_driver={"pid": 1})
+    art = spec.study_dir / "trials" / "0"
+    assert trial.user_attrs["artifact_dir"] == str(art) and trial.user_attrs["ray_driver"] == {"pid": 1}
+    assert json.loads((art / "heartbeat.json").read_text())["trial"] == 0
+    # a retry is enqueued with its first attempt's artifact id: it resumes that directory
+    study.enqueue_trial({}, user_attrs={"artifact_id": 0, "retry_of": 0})
+    retry = claim(study, spec)
+    assert retry.number == 1 and artifact_dir(spec, retry) == art
+    assert row_path(spec, 7) == spec.leaderboard_root / "dataset=digits" / "study=lc" / "trial-7.parquet"
+
+
+def test_deadline():
+    assert not Deadline(None).passed()
+    d = Deadline(0.05)
+    assert not d.passed()
+    time.sleep(0.06)
+    assert d.passed()
+
+
+def test_cholesky_error_carries_its_data():
+    from mdmsearch.diffusion.presets import preset
+
+    proc = preset("cld")
+    bad = -torch.eye(proc.n, dtype=torch.float64).expand(2, -1, -1)
+    with pytest.raises(CholeskyError) as info:
+        proc.cholesky(bad, torch.tensor([0.5, 1.0], dtype=torch.float64))
+    err = info.value
+    assert err.t == 0.5 and err.process == "cld" and len(err.Q) == proc.n and len(err.D) == proc.n
+    assert err.where == "at t=0.5 for process 'cld'" and err.where in str(err)
