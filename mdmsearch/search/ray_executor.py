@@ -9,9 +9,12 @@ Same search space, objective and study as the local executor:
 * each Tune trial re-attaches to its Optuna trial and runs :func:`execute_trial` with
   ``executor="ray"``: the trial itself writes its leaderboard row and tells the study, so
   nothing is lost if the driver dies;
+* claiming, the stop rule (n_trials without duplicates, an exhausted finite space), the time
+  budget, paths and telling are the shared life cycle (:mod:`mdmsearch.search.lifecycle`);
 * the spec's pruner becomes a Tune scheduler (ASHA for median / successive_halving /
-  hyperband, FIFO for none); intermediate ``val_bpd`` goes to Tune with ``tune.report``
-  at every evaluation, with the trial's checkpoint as a ``tune.Checkpoint``;
+  hyperband, FIFO for none) that never stops a baseline; intermediate ``val_bpd`` goes to
+  Tune with ``tune.report`` at every evaluation, with the trial's checkpoint as a
+  ``tune.Checkpoint``;
 * the experiment lives under ``studies/<study>/ray/run-<k>``; re-running the command after
   the driver was killed restores it with ``Tuner.restore`` and finishes the study.
 
@@ -19,7 +22,7 @@ A trial stopped by the scheduler gets ``SystemExit`` inside ``tune.report`` (tha
 Tune ends function trainables); a driver-side callback marks the Optuna trial
 (``tune_stopped``) before Tune stops the actor, so the trial can tell a scheduler stop
 (PRUNED, written to the leaderboard) from a shutdown of the experiment (left RUNNING, to
-be resumed).
+be resumed).  The private Ray and Optuna names this needs are in :mod:`.adapters`.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from ..errors import MDMError
 from ..training.trainer import CHECKPOINT
 from .plan import suggest_plan
 from .spec import SearchSpec
+from . import adapters
 from .lifecycle import Deadline, artifact_dir, claim, row_path, tell
 from .space import finite_size
 from .study import (FINAL_ATTR, Heartbeat, count_trials, is_stale, make_sampler, make_storage, open_study,
@@ -61,11 +65,9 @@ TIME_ATTR = "step"
 MAX_ROUNDS = 100
 
 try:  # Ray is optional: run_ray() says how to install it
-    from ray.train._internal.session import get_session
     from ray.tune import Callback
     from ray.tune.search import Searcher
     from ray.tune.search.optuna import OptunaSearch
-    from ray.tune.trainable.function_trainable import wrap_function
 
     _HAVE_RAY = True
 except ImportError:  # pragma: no cover - exercised without Ray installed
@@ -180,7 +182,7 @@ class DefineByRun:
             self._spec = SearchSpec.model_validate_json(self.spec_json)
         baseline = trial.user_attrs.get("baseline")
         suggest_plan(trial, self._spec, baseline=baseline)
-        return {"mdm_trial_id": int(trial._trial_id), "mdm_number": int(trial.number),
+        return {"mdm_trial_id": adapters.trial_id(trial), "mdm_number": int(trial.number),
                 "mdm_baseline": baseline or ""}
 
 
@@ -197,15 +199,17 @@ if _HAVE_RAY:
             super().__init__(**kwargs)
 
         def suggest(self, trial_id: str) -> Optional[dict]:
-            if trial_id in self._ot_trials:
-                return self._suggest_from_define_by_run_func(self._space, self._ot_trials[trial_id])
+            asked = adapters.searcher_trials(self)
+            if trial_id in asked:
+                return adapters.searcher_config(self, asked[trial_id])
             spec = SearchSpec.model_validate_json(self._mdm_spec_json)
             if not hasattr(self, "_mdm_space_size"):
                 self._mdm_space_size = finite_size(spec)
             with study_lock(spec):
-                counts = count_trials(self._ot_study)
+                study = adapters.searcher_study(self)
+                counts = count_trials(study)
                 target = spec.model_copy(update={"n_trials": _TARGETS.get(spec.study, self._mdm_n_trials)})
-                reason = stop_reason(self._ot_study, target, counts, self._mdm_space_size)
+                reason = stop_reason(study, target, counts, self._mdm_space_size)
                 if reason is not None:
                     log.info("no new trials: %s", reason)
                     return Searcher.FINISHED
@@ -213,9 +217,9 @@ if _HAVE_RAY:
                     log.info("time budget of %.0fs used up: no new trials", spec.time_budget_s or 0)
                     return Searcher.FINISHED
                 # claimed by the driver until the trial starts
-                ot_trial = claim(self._ot_study, spec, **{DRIVER_ATTR: _driver_id()})
-            self._ot_trials[trial_id] = ot_trial
-            return self._suggest_from_define_by_run_func(self._space, ot_trial)
+                ot_trial = claim(study, spec, **{DRIVER_ATTR: _driver_id()})
+            asked[trial_id] = ot_trial
+            return adapters.searcher_config(self, ot_trial)
 
         def on_trial_result(self, trial_id: str, result: dict) -> None:
             """Deliberately not forwarded to Optuna (OptunaSearch would report here): the trial
@@ -224,7 +228,7 @@ if _HAVE_RAY:
         def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
             # the trial told the study itself; a trial that errored without telling (its worker
             # died) stays RUNNING so that re-running the command resumes it from its checkpoint
-            self._completed_trials.add(trial_id)
+            adapters.searcher_completed(self, trial_id)
 
     class StudyCallback(Callback):
         """Marks trials stopped by the scheduler (before Tune stops their actor) and logs outcomes."""
@@ -346,13 +350,13 @@ def _claim_and_recover(spec: SearchSpec, study: optuna.Study, keep: set[int]) ->
     retried = []
     with study_lock(spec):
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            resumed = t._trial_id in keep
+            resumed = adapters.trial_id(t) in keep
             if not (resumed or _owner_gone(t)):
                 continue  # someone is running it
-            if t.user_attrs.get(FINAL_ATTR) and _settle(spec, study, t._trial_id, t.number):
+            if t.user_attrs.get(FINAL_ATTR) and _settle(spec, study, adapters.trial_id(t), t.number):
                 continue
             if resumed:
-                study._storage.set_trial_user_attr(t._trial_id, DRIVER_ATTR, _driver_id())
+                adapters.set_trial_attr(study, adapters.trial_id(t), DRIVER_ATTR, _driver_id())
                 Heartbeat(artifact_dir(spec, t), t.number).beat()
             elif isinstance(t.user_attrs.get(DRIVER_ATTR), dict):
                 log.warning("trial %d was left RUNNING by a dead Ray driver: re-queued to resume from its "
@@ -534,7 +538,7 @@ class _TuneReporter:
             tune.report(result, checkpoint=checkpoint)
         except SystemExit:
             self.stopped = True
-            marked = self.trial.study._storage.get_trial_user_attrs(self.trial._trial_id).get(STOP_ATTR)
+            marked = adapters.trial_attrs(self.trial.study, adapters.trial_id(self.trial)).get(STOP_ATTR)
             if marked is not None and int(marked) == int(step):
                 raise optuna.TrialPruned(f"stopped by the Tune scheduler at step {step}") from None
             raise _Interrupted() from None
@@ -626,7 +630,7 @@ def _trial_main(config: dict) -> None:
             tune.report(_final_result(spec, frozen.number, state, frozen.values,
                                       frozen.user_attrs.get("steps", spec.budget.steps)))
             return
-    trial = optuna.trial.Trial(study, trial_id)
+    trial = adapters.reopen_trial(study, trial_id)
     art_dir = artifact_dir(spec, frozen)
     _restore_tune_checkpoint(art_dir)
     reporter = _TuneReporter(trial, spec, art_dir)
@@ -648,13 +652,12 @@ def _trial_main(config: dict) -> None:
 
 if _HAVE_RAY:
 
-    class MDMTrial(wrap_function(_trial_main, name="mdmsearch_trial")):
+    class MDMTrial(adapters.function_trainable(_trial_main, name="mdmsearch_trial")):
         """The function trainable, with a cleanup that waits for the trial thread to write
         its PRUNED row when Tune stops it (Tune's own cleanup does not wait)."""
 
         def cleanup(self):
-            session = get_session()
-            thread = getattr(session, "training_thread", None)
+            thread = adapters.training_thread()
             waiting = _IN_REPORT.is_set()
             try:
                 super().cleanup()

@@ -281,10 +281,11 @@ def is_stale(trial: optuna.trial.FrozenTrial, now: Optional[float] = None) -> bo
 def retry_trial(study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -> bool:
     """Fail a RUNNING trial whose worker died and enqueue a retry with the same parameters
     that resumes from its artifact directory's checkpoint.  False if it finished meanwhile."""
-    storage = study._storage
-    storage.set_trial_user_attr(t._trial_id, "failed_reason", reason)
+    from . import adapters
+
+    adapters.set_trial_attr(study, adapters.trial_id(t), "failed_reason", reason)
     try:
-        storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        adapters.fail_trial(study, adapters.trial_id(t))
     except RuntimeError:  # finished meanwhile by another worker
         return False
     attrs = {"retry_of": t.number, "artifact_id": t.user_attrs.get("artifact_id", t.number)}
