@@ -71,3 +71,22 @@ def timeit(fn, repeats: int, warmup: int = 2) -> float:
         times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2]
+
+
+def timeit_pair(fn_a, fn_b, repeats: int, warmup: int = 2) -> tuple[float, float]:
+    """Median seconds per call of two functions timed in alternation (a, b, a, b, ...), so that
+    a machine whose speed drifts during the measurement affects both the same way."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    times: tuple[list[float], list[float]] = ([], [])
+    for _ in range(repeats):
+        for fn, out in ((fn_a, times[0]), (fn_b, times[1])):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            out.append(time.perf_counter() - t0)
+    return tuple(sorted(ts)[len(ts) // 2] for ts in times)

@@ -16,7 +16,7 @@ import argparse
 
 import torch
 
-from _common import md_table, timeit, write
+from _common import md_table, timeit_pair, write
 
 from mdmsearch.config import parse_run_config
 from mdmsearch.data import DataBundle
@@ -42,7 +42,6 @@ def measure(size: str, proc: dict, repeats: int, device: str, parameterization: 
                             "optim": {"batch_size": batch}, "train": {"device": device, "progress": False,
                                                                       "n_samples": 0}})
     tr = Trainer(cfg, "/tmp/mdmsearch-bench", data=fake_bundle(shape, levels))
-    step = timeit(tr.train_step, repeats)
     z = torch.randn(batch, tr.process.n, *shape, device=tr.device)
     t = torch.rand(batch, device=tr.device)
     opt = torch.optim.Adam(tr.net.parameters(), lr=1e-4, foreach=True)  # as the trainer builds it
@@ -52,7 +51,8 @@ def measure(size: str, proc: dict, repeats: int, device: str, parameterization: 
         tr.net(z, t).square().mean().backward()
         opt.step()
 
-    net = timeit(net_only, repeats)
+    # interleaved, one call of each per round: drift of a shared machine hits both alike
+    step, net = timeit_pair(tr.train_step, net_only, repeats)
     return {"size": size, "process": proc.get("name") + (f" K={proc['n_aux']}" if "n_aux" in proc else ""),
             "parameterization": parameterization, "batch": batch, "step_s": step, "net_s": net, "steps_per_s": 1.0 / step, "ratio": step / net}
 
