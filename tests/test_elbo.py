@@ -234,3 +234,19 @@ def test_bpd_of_uniform_pixels_is_log2_levels(levels):
     log_py = (torch.log(sig) + torch.log1p(-sig) - math.log(1 - 2 * a)).reshape(512, -1).sum(1)
     bpd = bits_per_dim(log_py, ldj, dim=64, levels=levels)
     torch.testing.assert_close(bpd, torch.full_like(bpd, math.log2(levels)), atol=1e-4, rtol=0)
+
+
+def test_time_samplers_keep_their_state_across_a_checkpoint():
+    """An adaptive sampler's table is its state: restored into a sampler built for another
+    process, it draws exactly the same times and weights; fixed densities have no state."""
+    from mdmsearch.diffusion.presets import preset
+    from mdmsearch.objectives.time_sampling import make_time_sampler
+
+    first = make_time_sampler("adaptive", preset("cld"), t_min=1e-3, grid_size=64)
+    other = make_time_sampler("adaptive", preset("malda"), t_min=1e-3, grid_size=64)
+    draw = lambda s: s.sample(32, generator=torch.Generator().manual_seed(0))  # noqa: E731
+    assert not torch.equal(draw(first)[0], draw(other)[0])
+    other.load_state_dict(first.state_dict())
+    for a, b in zip(draw(first), draw(other)):
+        assert torch.equal(a, b)
+    assert make_time_sampler("vp", preset("cld")).state_dict() == {}

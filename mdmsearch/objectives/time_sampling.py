@@ -57,6 +57,14 @@ class TimeSampler(ABC):
     def refresh(self, process: LinearMDM) -> None:
         """Rebuild any table from the current Q, D (no-op for fixed densities)."""
 
+    def state_dict(self) -> dict:
+        """What a checkpoint must keep to sample identically after a resume (nothing for a
+        fixed density)."""
+        return {}
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        """Restore :meth:`state_dict` (tensors moved to ``device``)."""
+
     def _uniform(self, batch, generator, device, stratum=None) -> torch.Tensor:
         u = torch.rand(batch, generator=generator, dtype=_DT, device=device)
         if stratum is not None:
@@ -120,6 +128,16 @@ class AdaptiveTime(TimeSampler):
         self.edges, self.width = edges, width
         self.prob = mass / mass.sum()  # [G]
         self.cum = torch.cumsum(self.prob, 0)
+
+    _STATE = ("prob", "cum", "edges", "width")
+
+    def state_dict(self) -> dict:
+        """The density table of the last refresh (a resumed run samples from the same one)."""
+        return {k: getattr(self, k) for k in self._STATE}
+
+    def load_state_dict(self, state: dict, device=None) -> None:
+        for k in self._STATE:
+            setattr(self, k, state[k].to(device) if device is not None else state[k])
 
     def sample(self, batch, *, generator=None, device=None, stratum=None):
         u = self._uniform(batch, generator, self.prob.device, stratum)  # picks the cell

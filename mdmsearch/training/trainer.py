@@ -170,7 +170,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        ts = self.time_sampler
         return {
             "config": self.config.model_dump(mode="json"),
             "step": self.step,
@@ -188,8 +187,7 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "data": self.data_gen.get_state(),
                     "noise": self.noise_gen.get_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "time_sampler": ({"prob": ts.prob, "cum": ts.cum, "edges": ts.edges, "width": ts.width}
-                             if isinstance(ts, AdaptiveTime) else None),
+            "time_sampler": self.time_sampler.state_dict() or None,
         }
 
     def _check_parameterization(self, state: dict) -> None:
@@ -217,9 +215,8 @@ class Trainer:
         self.noise_gen.set_state(state["rng"]["noise"])
         if state["rng"].get("cuda") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if state.get("time_sampler") and isinstance(self.time_sampler, AdaptiveTime):
-            for k, v in state["time_sampler"].items():
-                setattr(self.time_sampler, k, v.to(self.device))
+        if state.get("time_sampler") and self.time_sampler.state_dict():  # (a sampler without state keeps none)
+            self.time_sampler.load_state_dict(state["time_sampler"], device=self.device)
 
     def save(self) -> None:
         save_checkpoint(self.out_dir / CHECKPOINT, self.state_dict())
