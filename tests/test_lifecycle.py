@@ -66,3 +66,14 @@ def test_cholesky_error_carries_its_data():
     err = info.value
     assert err.t == 0.5 and err.process == "cld" and len(err.Q) == proc.n and len(err.D) == proc.n
     assert err.where == "at t=0.5 for process 'cld'" and err.where in str(err)
+
+
+def test_checkpoint_step_reads_the_step_or_none(tmp_path):
+    from mdmsearch.training.checkpoint import checkpoint_step, save_checkpoint
+
+    path = tmp_path / "checkpoint.pt"
+    assert checkpoint_step(path) is None  # missing
+    save_checkpoint(path, {"step": 7, "net": {"w": torch.zeros(3)}})
+    assert checkpoint_step(path) == 7
+    path.write_bytes(path.read_bytes()[:40])  # cut short
+    assert checkpoint_step(path) is None

@@ -160,9 +160,9 @@ MUTATIONS = [
     Mutation(
         "resume-history-not-replayed", "a resumed trial does not replay its learning curve to the pruner",
         "mdmsearch/search/runner.py",
-        "                        trial.report(h[\"val_bpd\"], h[\"step\"])",
-        "                        pass",
-        ["tests/test_search.py", "-k", "sigkill"],
+        "                    trial.report(h[\"val_bpd\"], h[\"step\"])",
+        "                    pass",
+        ["tests/test_search.py", "-m", "slow", "-k", "sigkill"],  # (a slow test: selected explicitly)
     ),
     # -------------------------------------------------------------- the Gaussian residual (issue 11)
     Mutation(

@@ -41,6 +41,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..errors import MDMError
+from ..training.checkpoint import checkpoint_step
 from ..training.trainer import CHECKPOINT
 from .plan import suggest_plan
 from .spec import SearchSpec
@@ -559,17 +560,9 @@ def _restore_tune_checkpoint(art_dir: Path) -> None:
         if not src.exists():
             return
         dst = art_dir / CHECKPOINT
-        if dst.exists():
-            from ..training.checkpoint import load_checkpoint
-
-            try:
-                import json
-
-                tune_step = json.loads((Path(d) / "meta.json").read_text())["step"]
-                if load_checkpoint(dst, map_location="cpu")["step"] >= tune_step:
-                    return
-            except Exception:  # noqa: BLE001 - unreadable local checkpoint: take Tune's
-                pass
+        tune_step, local_step = checkpoint_step(src), checkpoint_step(dst)  # None: missing or unreadable
+        if tune_step is None or (local_step is not None and local_step >= tune_step):
+            return
         art_dir.mkdir(parents=True, exist_ok=True)
         tmp = art_dir / f".{CHECKPOINT}.from-tune"
         shutil.copy2(src, tmp)

@@ -151,25 +151,23 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
         atomic_write_json(art_dir / "plan.json", {"plan": plan.__dict__, "trial": number})
         with Heartbeat(art_dir, number):
             trainer = Trainer(config, art_dir, callback=reporter, data=load_data(spec))
-            if trainer.try_resume():
-                for h in trainer.history:  # the pruner sees the curve from before the crash
-                    if report is None:
-                        trial.report(h["val_bpd"], h["step"])
+            if trainer.try_resume() and report is None:
+                for h in trainer.progress().history:  # the pruner sees the curve from before the crash
+                    trial.report(h["val_bpd"], h["step"])
             metrics = trainer.fit(resume=False)
     except optuna.TrialPruned:
-        last = trainer.history[-1] if trainer.history else {}
-        _write_curve(spec, number, trainer.history)
-        return done(Outcome.PRUNED, None, reason=f"pruned at step {trainer.step}", val_bpd=last.get("val_bpd"),
-                    best_val_bpd=trainer.best_val, steps=trainer.step, train_seconds=trainer.train_seconds,
-                    n_params=trainer.n_params)
+        run = trainer.progress()
+        _write_curve(spec, number, run.history)
+        return done(Outcome.PRUNED, None, reason=f"pruned at step {run.step}", val_bpd=run.last_val,
+                    best_val_bpd=run.best_val, steps=run.step, train_seconds=run.train_seconds, n_params=run.n_params)
     except MDMError as exc:  # NaN loss, failed Cholesky, invalid process: a decided failure
         log.warning("trial %d failed: %s", number, exc)
         return done(Outcome.FAIL, None, reason=str(exc))
     except OSError as exc:  # disk full, quota, I/O error writing checkpoints or artifacts
         reason = f"cannot write trial artifacts: {exc.strerror or exc} (errno {exc.errno})"
         log.warning("trial %d failed: %s (%s)", number, reason, exc.filename or art_dir)
-        return done(Outcome.FAIL, None, reason=reason, steps=trainer.step if trainer is not None else None)
-    _write_curve(spec, number, trainer.history)
+        return done(Outcome.FAIL, None, reason=reason, steps=trainer.progress().step if trainer is not None else None)
+    _write_curve(spec, number, trainer.progress().history)
     trial.set_user_attr("test_bpd", metrics["test_bpd"])
     trial.set_user_attr("steps", metrics["steps"])
     values = [metrics["val_bpd"]]

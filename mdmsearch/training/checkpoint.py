@@ -71,6 +71,14 @@ def load_checkpoint(path: str | Path, map_location=None) -> dict:
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
+def checkpoint_step(path: str | Path) -> int | None:
+    """The training step a checkpoint file holds, or None if it is missing or unreadable."""
+    try:
+        return int(load_checkpoint(path, map_location="cpu")["step"])
+    except (OSError, KeyError, TypeError, *UNREADABLE):
+        return None
+
+
 def set_aside(path: str | Path, why: str) -> Path:
     """Rename a damaged file to ``<name>.corrupt-<time>`` (kept for inspection, never read again)."""
     path = Path(path)

@@ -15,6 +15,7 @@ import io
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -40,6 +41,21 @@ Callback = Callable[[int, dict], None]
 CHECKPOINT = "checkpoint.pt"
 RESIDUAL_STATS_FILE = "residual_stats.json"  # mu, s2 of the Gaussian part (mixed parameterization)
 from ..compare import PER_EXAMPLE_FILE  # noqa: E402  per-example val/test BPD for paired comparisons
+
+
+@dataclass
+class RunProgress:
+    """A run's state for callers that stop it early (the search's pruner) or resume it."""
+
+    step: int
+    history: list[dict]  # one row per evaluation: step, val_bpd, ...
+    best_val: float
+    train_seconds: float
+    n_params: int
+
+    @property
+    def last_val(self) -> Optional[float]:
+        return self.history[-1].get("val_bpd") if self.history else None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -220,6 +236,11 @@ class Trainer:
 
     def save(self) -> None:
         save_checkpoint(self.out_dir / CHECKPOINT, self.state_dict())
+
+    def progress(self) -> "RunProgress":
+        """Where the run stands, complete or stopped early (what a search records of it)."""
+        return RunProgress(step=self.step, history=list(self.history), best_val=self.best_val,
+                           train_seconds=self.train_seconds, n_params=self.n_params)
 
     def try_resume(self) -> bool:
         path = self.out_dir / CHECKPOINT
