@@ -56,21 +56,26 @@ def md_table(rows: list[dict], cols: list[str], fmt: dict | None = None) -> str:
     return head + "\n".join(lines)
 
 
+def _timed(fn) -> float:
+    """Seconds one call of ``fn`` takes (synchronizing CUDA before and after)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _median(times: list[float]) -> float:
+    return sorted(times)[len(times) // 2]
+
+
 def timeit(fn, repeats: int, warmup: int = 2) -> float:
     """Median seconds per call (synchronizing CUDA)."""
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(repeats):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    return _median([_timed(fn) for _ in range(repeats)])
 
 
 def timeit_pair(fn_a, fn_b, repeats: int, warmup: int = 2) -> tuple[float, float]:
@@ -79,14 +84,5 @@ def timeit_pair(fn_a, fn_b, repeats: int, warmup: int = 2) -> tuple[float, float
     for _ in range(warmup):
         fn_a()
         fn_b()
-    times: tuple[list[float], list[float]] = ([], [])
-    for _ in range(repeats):
-        for fn, out in ((fn_a, times[0]), (fn_b, times[1])):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            out.append(time.perf_counter() - t0)
-    return tuple(sorted(ts)[len(ts) // 2] for ts in times)
+    pairs = [(_timed(fn_a), _timed(fn_b)) for _ in range(repeats)]
+    return _median([a for a, _ in pairs]), _median([b for _, b in pairs])
