@@ -114,7 +114,7 @@ def test_status_json_counts_fails_apart_and_the_study_is_named(tmp_path):
     study = open_study(spec)
     record_run(study, spec, "local")
     assert study.metric_names == ["val_bpd"]  # a dashboard shows val_bpd, not "Objective 0"
-    for outcome, state, values in [("COMPLETE", TrialState.COMPLETE, [2.5]), ("INVALID", TrialState.FAIL, None),
+    for outcome, state, values in [("COMPLETE", TrialState.COMPLETE, [2.5]), ("INVALID", TrialState.PRUNED, None),
                                    ("FAIL", TrialState.FAIL, None)]:
         trial = study.ask()
         trial.set_user_attr(OUTCOME_ATTR, outcome)

@@ -24,7 +24,7 @@ def spec(tmp_path):
     (Outcome.DUPLICATE, None, TrialState.PRUNED),  # a duplicate of a pruned trial: pruned again
     (Outcome.PRUNED, None, TrialState.PRUNED),
     (Outcome.FAIL, None, TrialState.FAIL),
-    (Outcome.INVALID, None, TrialState.FAIL),
+    (Outcome.INVALID, None, TrialState.PRUNED),  # (TPE ignores failed trials, not pruned ones)
     ("COMPLETE", [1.5], TrialState.COMPLETE),  # rows store the plain string
 ])
 def test_every_outcome_is_told_one_way(state, values, told):

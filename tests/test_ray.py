@@ -41,7 +41,7 @@ TINY = {
     "workers": 2,
 }
 STATE_IN_STUDY = {"COMPLETE": "COMPLETE", "DUPLICATE": "COMPLETE", "PRUNED": "PRUNED", "FAIL": "FAIL",
-                  "INVALID": "FAIL"}
+                  "INVALID": "PRUNED"}
 
 
 # ---------------------------------------------------------------------- helpers

@@ -63,7 +63,7 @@ def _study_states(study) -> dict:
 
 
 STATE_IN_STUDY = {"COMPLETE": "COMPLETE", "DUPLICATE": "COMPLETE", "PRUNED": "PRUNED", "FAIL": "FAIL",
-                  "INVALID": "FAIL"}
+                  "INVALID": "PRUNED"}
 
 
 def _assert_board_matches_study(df, study) -> None:

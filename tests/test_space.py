@@ -166,3 +166,24 @@ def test_local_pruner_never_prunes_a_baseline():
     with pytest.raises(optuna.TrialPruned):
         _optuna_reporter(searched)(10, {"val_bpd": 9.0})
     assert study.trials[baseline.number].intermediate_values == {10: 9.0}
+
+
+def test_a_known_invalid_structure_is_answered_not_counted(tmp_path):
+    """A structure already rejected as INVALID is answered as a duplicate of that trial, whatever
+    its hyperparameters (it cannot train): it costs no budget; invalid trials are told to
+    Optuna as pruned so that TPE, which ignores failed trials, learns to avoid them."""
+    spec = dict(TINY, study="inv", structure={"n_aux": [3], "q_patterns": ["chain"], "d_patterns": ["last", "full"]},
+                hyper={"process_lr": [0.01, 0.03]}, sampler={"name": "grid", "seed": 4}, n_trials=3)
+    res = _run(tmp_path, spec)
+    assert res.returncode == 0, res.stderr[-3000:]
+    df = pd.read_parquet(tmp_path / "studies" / "leaderboard").sort_values("trial")
+    states = list(df["state"])
+    assert sorted(states) == ["COMPLETE", "COMPLETE", "DUPLICATE", "INVALID"], df[["trial", "state", "d_pattern"]]
+    invalid = df[df["state"] == "INVALID"].iloc[0]
+    dup = df[df["state"] == "DUPLICATE"].iloc[0]
+    assert dup["d_pattern"] == invalid["d_pattern"] == "last" and int(dup["duplicate_of"]) == int(invalid["trial"])
+    assert dup["process_lr"] != invalid["process_lr"] and "invalid" in dup["reason"]
+    study = optuna.load_study(study_name="inv", storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(tmp_path / "studies" / "inv" / "journal.log"))))
+    told = {t.number: t.state.name for t in study.trials}
+    assert told[int(invalid["trial"])] == "PRUNED" and told[int(dup["trial"])] == "PRUNED"

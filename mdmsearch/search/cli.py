@@ -148,7 +148,7 @@ def study_status(study) -> dict:
 
     trials = study.get_trials(deepcopy=False)
     by_state: dict[str, int] = {}
-    for t in trials:  # mdmsearch's outcome (INVALID and DUPLICATE are told to Optuna as FAIL/COMPLETE)
+    for t in trials:  # mdmsearch's outcome (INVALID and DUPLICATE are told to Optuna as PRUNED/COMPLETE)
         state = t.state.name
         if t.state.is_finished():  # undecided finished trials were interrupted and re-queued
             state = t.user_attrs.get(OUTCOME_ATTR, state) if t.user_attrs.get(FINAL_ATTR) else "INTERRUPTED"

@@ -95,6 +95,16 @@ def find_duplicate(study: optuna.Study, config_hash: str, own_number: int):
     return None
 
 
+def find_invalid(study: optuna.Study, structure_hash: str, own_number: int):
+    """An earlier trial rejected as INVALID with the same structure (its hyperparameters do
+    not matter: the structure itself cannot train)."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
+        if (t.number != own_number and t.user_attrs.get(OUTCOME_ATTR) == Outcome.INVALID
+                and t.user_attrs.get("structure_hash") == structure_hash):
+            return t
+    return None
+
+
 def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Optional[optuna.Study] = None,
                   report: Optional[Callable[[int, dict], None]] = None) -> TrialOutcome:
     """Run one trial end to end and write its leaderboard row.  ``trial`` is an Optuna trial
@@ -130,7 +140,13 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
 
     check = plan.check(spec)
     if not check.valid:
+        first = find_invalid(study, row["structure_hash"], number) if study is not None else None
+        if first is not None:  # known to be invalid: answered, not counted toward n_trials
+            trial.set_user_attr("duplicate_of", first.number)
+            return done(Outcome.DUPLICATE, None, reason=f"duplicate of trial {first.number}, invalid: {check.reason}",
+                        duplicate_of=first.number)
         log.info("trial %d: invalid structure rejected before training: %s", number, check.reason)
+        trial.set_user_attr("structure_hash", row["structure_hash"])
         return done(Outcome.INVALID, None, reason=check.reason)
     if study is not None:
         dup = find_duplicate(study, row["config_hash"], number)

@@ -306,7 +306,7 @@ def recover_stale(study: optuna.Study) -> list[int]:
     return retried
 
 
-OUTCOME_ATTR = "outcome"  # user attr: an Outcome value (INVALID is told to Optuna as FAIL)
+OUTCOME_ATTR = "outcome"  # user attr: an Outcome value (INVALID is told to Optuna as PRUNED)
 
 
 class Outcome(str, Enum):
