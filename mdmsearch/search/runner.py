@@ -222,12 +222,16 @@ def tell_outcome(study: optuna.Study, trial, outcome: TrialOutcome) -> None:
     tell(study, trial, outcome.state, outcome.values)
 
 
-def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = False) -> int:
+_UNKNOWN = object()  # space size not computed yet
+
+
+def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = False, space_size=_UNKNOWN) -> int:
     """Ask/run/tell until the study has ``spec.n_trials`` finished trials.  Returns trials run."""
     torch.set_num_threads(spec.budget.threads)
     study = open_study(spec, allow_spec_change=allow_spec_change, worker=worker)
     ran = repeats = 0
-    space_size = finite_size(spec)
+    if space_size is _UNKNOWN:  # (run_local enumerates the space once for all its workers)
+        space_size = finite_size(spec)
     deadline = Deadline(spec.time_budget_s)
     while True:
         if deadline.passed():
@@ -281,14 +285,15 @@ def _die_with_parent() -> None:
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _worker_main(spec_json: str, worker: int, allow_spec_change: bool, log_options: dict) -> None:
+def _worker_main(spec_json: str, worker: int, allow_spec_change: bool, log_options: dict,
+                 space_size: Optional[int]) -> None:
     from ..logs import route_optuna, setup_logging
 
     _die_with_parent()
     setup_logging(**log_options, tag=f"w{worker}")
     route_optuna()
     spec = SearchSpec.model_validate_json(spec_json)
-    worker_loop(spec, worker, allow_spec_change)
+    worker_loop(spec, worker, allow_spec_change, space_size)
 
 
 def run_local(spec: SearchSpec, *, allow_spec_change: bool = False, verbose: bool = False,
@@ -297,12 +302,13 @@ def run_local(spec: SearchSpec, *, allow_spec_change: bool = False, verbose: boo
     study = open_study(spec, allow_spec_change=allow_spec_change)  # validates/creates once, up front
     record_run(study, spec, "local")  # for `mdmsearch status` (ETA)
     t0 = time.perf_counter()
+    space_size = finite_size(spec)  # once, for every worker
     if spec.workers == 1:
-        worker_loop(spec, 0, allow_spec_change)
+        worker_loop(spec, 0, allow_spec_change, space_size)
     else:
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker_main, args=(spec.model_dump_json(), i, allow_spec_change,
-                                                                 log_options or {"verbose": verbose}),
+                                                                 log_options or {"verbose": verbose}, space_size),
                              name=f"mdmsearch-worker-{i}") for i in range(spec.workers)]
         for p in procs:
             p.start()
