@@ -1,5 +1,6 @@
 """The Ray Tune executor: a tiny study on a local Ray instance, SIGKILL of the driver and
-resume, one leaderboard tree shared with the local executor, and Ray being optional."""
+resume, one leaderboard tree shared with the local executor, the driver's searcher, and Ray
+being optional."""
 
 import importlib.util
 import json
@@ -162,7 +163,7 @@ def test_tiny_study_with_ray(ray_study):
     assert set(df["baseline"].dropna()) == {"vpsde", "cld"}  # the enqueued baselines ran
     assert (df[df["baseline"].notna()]["state"] == "COMPLETE").all()  # ... to the end: never pruned
     assert (df["process"] == "learned").any()
-    # the ASHA scheduler pruned some trials; the trials recorded where
+    # the spec's Optuna pruner, as in a local run, pruned some trials; the trials recorded where
     pruned = df[df["state"] == "PRUNED"]
     assert len(pruned) >= 1 and (pruned["steps"] < 30).all()
     assert pruned["reason"].str.contains("pruned at step").all()
@@ -178,12 +179,14 @@ def test_tiny_study_with_ray(ray_study):
     for t in study.get_trials(deepcopy=False):
         if t.number in trained:  # (DUPLICATE and INVALID trials do not train)
             assert t.intermediate_values and set(t.intermediate_values) <= {10, 20, 30}
-        if t.state.name == "PRUNED":
-            assert t.user_attrs.get("tune_stopped") == max(t.intermediate_values)
-    # the Tune experiment lives with the study, with per-trial checkpoints through Tune
+        if t.state.name == "PRUNED" and t.user_attrs.get("outcome") == "PRUNED":
+            assert t.user_attrs["steps"] if "steps" in t.user_attrs else True
+            assert max(t.intermediate_values) < 30  # stopped at an intermediate evaluation
+    # the Tune experiment lives with the study, one Tune trial per Optuna trial; checkpoints
+    # live in the trials' artifact directories, as for local workers
     exp = studies / "tiny-ray" / "ray" / "run-1"
-    assert (exp / ".mdmsearch-done").exists()
-    assert list(exp.glob("trial-*/checkpoint_*/checkpoint.pt"))
+    assert len(list(exp.glob("trial-*"))) == counts["finished"] + counts["failed"]
+    assert list((studies / "tiny-ray" / "trials").glob("*/checkpoint.pt"))
     # Ray was shut down cleanly: no process of that Ray instance is left
     assert ray_study["leftovers"] == []
 
@@ -203,7 +206,8 @@ def test_local_and_ray_results_share_one_leaderboard(ray_study):
     assert set(tree.groupby("study")["executor"].unique().map(tuple)) == {("ray",), ("local",)}
     assert set(COLUMNS) - {"dataset", "study"} <= set(tree.columns)
     files = sorted((studies / "leaderboard").rglob("*.parquet"))
-    assert len(files) == 9 and len({str(pq.read_schema(f)) for f in files}) == 1
+    ray_rows = _counts(ray_study["proc"])["decided"]  # (6 counted + the duplicates answered)
+    assert len(files) == ray_rows + 3 and len({str(pq.read_schema(f)) for f in files}) == 1
     # comparable: the same baseline config trains to the same result under both executors
     vp = tree[(tree["baseline"] == "vpsde") & (tree["state"] == "COMPLETE")]
     assert len(vp) == 2 and vp["config_hash"].nunique() == 1
@@ -244,7 +248,6 @@ def test_driver_killed_then_resumed(tmp_path):
         assert res.returncode == 0, res.stderr[-4000:]
         counts = _counts(res)
         assert counts["finished"] - counts["duplicates"] == 7  # (duplicates do not count toward n_trials)
-        assert "restored the Tune experiment" in res.stderr
         df = _board(studies, "tiny-kill")
         study = _study(studies, "tiny-kill")
         _check_board_matches_study(df, study)
@@ -253,12 +256,17 @@ def test_driver_killed_then_resumed(tmp_path):
         # finished trials were not rerun: their rows are still the ones written before the kill
         for n, times in first.items():
             assert pd.read_parquet(part / f"trial-{n}.parquet")[["started_at", "finished_at"]].iloc[0].tolist() == times
-        # a trial cut short by the kill is resumed (by Tune) or retried from its checkpoint, never both
-        for _, row in df[df["retry_of"].notna()].iterrows():
+        # a trial cut short by the kill is retried from its checkpoint (once, its first attempt FAIL,
+        # without a row), as after a dead local worker
+        retries = df[df["retry_of"].notna()]
+        for _, row in retries.iterrows():
             orig = study.trials[int(row["retry_of"])]
             assert orig.state.name == "FAIL" and int(row["retry_of"]) not in set(df["trial"])
+        assert retries["retry_of"].is_unique
+        if len(retries):
+            assert "re-queued to resume from its checkpoint" in res.stderr
         exp = studies / "tiny-kill" / "ray"
-        assert (exp / "run-1" / ".mdmsearch-done").exists() and not (exp / "run-2").exists()
+        assert (exp / "run-1").is_dir() and (exp / "run-2").is_dir()  # one Tune experiment per run
         assert _wait_no_ray(ray_tmp) == []
     finally:
         _kill_ray(ray_tmp)
@@ -303,39 +311,52 @@ def test_without_ray_the_executor_says_how_to_install_it(tmp_path, monkeypatch):
     assert not (tmp_path / "studies").exists()  # nothing was created
 
 
-@needs_ray
-def test_pruner_maps_to_a_tune_scheduler():
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+# ---------------------------------------------------------------------- the driver's searcher
+def _searcher(tmp_path, **over):
+    from mdmsearch.search.lifecycle import Deadline
+    from mdmsearch.search.ray_executor import StudySearcher, absolute_spec
+    from mdmsearch.search.study import open_study
 
-    from mdmsearch.search.ray_executor import make_scheduler
-
-    for name in ("median", "successive_halving", "hyperband"):
-        sched = make_scheduler(parse_spec(dict(TINY, pruner={"name": name})))
-        assert isinstance(sched, ASHAScheduler), name
-        assert sched._time_attr == "step" and sched._metric == "val_bpd" and sched._mode == "min"
-        assert sched._max_t == 30
-        assert min(m for m, _ in sched._brackets[0]._rungs) == 10  # grace period = eval_every
-    assert type(make_scheduler(parse_spec(dict(TINY, pruner={"name": "none"})))) is FIFOScheduler
-    two = parse_spec(dict(TINY, objective={"metric": "val_bpd", "second": "train_seconds"}))
-    assert type(make_scheduler(two)) is FIFOScheduler  # Optuna/Tune cannot prune two objectives
+    spec = absolute_spec(parse_spec(dict(TINY, studies_dir=str(tmp_path / "studies"), **over)))
+    open_study(spec)
+    return spec, StudySearcher(spec, None, Deadline(spec.time_budget_s))
 
 
 @needs_ray
-def test_the_tune_scheduler_never_stops_a_baseline():
-    """Baselines are the yardstick: ASHA stops a searched trial with a bad first rung but lets a
-    baseline with the same result run on (as the local executor does)."""
-    from ray.tune.experiment import Trial
-    from ray.tune.schedulers import TrialScheduler
+def test_the_searcher_claims_trials_until_the_stop_rule(tmp_path):
+    """The driver claims (asks) one Optuna trial per Tune trial, baselines first, with the local
+    workers' claim (artifact dir + heartbeat) and stop rule; the trial samples its parameters."""
+    import pickle
 
-    from mdmsearch.search.ray_executor import make_scheduler
+    from ray.tune.search import Searcher
 
-    sched = make_scheduler(parse_spec(dict(TINY, pruner={"name": "median"})))
-    trials = [Trial("mdmsearch_trial", config={"mdm_baseline": b}, stub=True) for b in ("", "", "", "cld", "")]
-    for t in trials:
-        sched.on_trial_add(None, t)
-    actions = [sched.on_trial_result(None, t, {"step": 10, "val_bpd": v})
-               for t, v in zip(trials, (1.0, 1.1, 1.2, 5.0, 5.0))]
-    assert actions[3] == TrialScheduler.CONTINUE and actions[4] == TrialScheduler.STOP
+    from mdmsearch.search.lifecycle import artifact_dir
+    from mdmsearch.search.study import count_trials, is_stale
+
+    spec, searcher = _searcher(tmp_path, n_trials=3)
+    configs = [searcher.suggest(f"t{i}") for i in range(4)]
+    assert configs[3] == Searcher.FINISHED  # 3 claimed trials count as running toward n_trials=3
+    assert [c["mdm_number"] for c in configs[:3]] == [0, 1, 2]
+    study = _study(tmp_path / "studies", "tiny-ray")
+    trials = study.get_trials(deepcopy=False)
+    assert [t.user_attrs.get("baseline") for t in trials] == ["vpsde", "cld", None]
+    assert all(t.state.name == "RUNNING" and not is_stale(t) for t in trials)
+    assert all((artifact_dir(spec, t) / "heartbeat.json").exists() for t in trials)
+    assert trials[2].params == {}  # sampled by the trial itself, with the spec's sampler
+    assert count_trials(study)["running"] == 3
+    clone = pickle.loads(pickle.dumps(searcher))  # Tune pickles its search algorithm
+    assert clone.suggest("t9") == Searcher.FINISHED
+
+
+@needs_ray
+def test_the_searcher_stops_at_the_time_budget(tmp_path):
+    from ray.tune.search import Searcher
+
+    spec, searcher = _searcher(tmp_path, n_trials=50)
+    searcher.deadline.at = time.time() - 1
+    assert searcher.suggest("t0") == Searcher.FINISHED
+    trials = _study(tmp_path / "studies", "tiny-ray").trials
+    assert trials and {t.state.name for t in trials} == {"WAITING"}  # the baselines are queued, nothing claimed
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@
 
 _EXPORTS = {"TrialPlan": ".plan", "suggest_plan": ".plan", "execute_trial": ".runner", "run_local": ".runner",
             "worker_loop": ".runner", "SearchSpec": ".spec", "load_spec": ".spec", "parse_spec": ".spec",
-            "count_trials": ".study", "open_study": ".study", "recover_stale": ".study"}
+            "count_trials": ".study", "open_study": ".study", "recover": ".lifecycle"}
 __all__ = list(_EXPORTS)
 
 

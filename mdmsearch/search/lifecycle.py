@@ -1,17 +1,20 @@
 """The pieces of a trial's life cycle that every executor shares, defined once.
 
-    claim (ask + artifact directory + heartbeat, under the study lock)
-      -> plan -> check -> train           (runner.execute_trial, for every executor)
-      -> outcome -> leaderboard row -> tell (tell: the one map from an outcome to Optuna)
+    recover (dead workers' trials: told from their row, or re-queued to resume)
+      -> claim (ask + artifact directory + heartbeat, under the study lock)
+      -> plan -> check -> train -> outcome -> leaderboard row -> tell -> release
+                                           (runner.run_claimed, for every executor)
 
-Executors differ only in *where* a trial runs (a local worker process or a Ray actor) and
-how intermediate values reach the pruner, never in what a trial does.  The states a trial
-can end in are :class:`Outcome`; paths are :func:`artifact_dir` and :func:`row_path`; the
-time budget is a :class:`Deadline`.
+Executors differ only in *where* a trial runs (a local worker process or a Ray actor), never
+in what a trial does: the same sampler, the same Optuna pruner, the same rows.  The states a
+trial can end in are :class:`Outcome`; paths are :func:`artifact_dir` and :func:`row_path`;
+the time budget is a :class:`Deadline`.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from pathlib import Path
 from typing import Optional, Sequence
@@ -21,7 +24,9 @@ from optuna.trial import TrialState
 
 from ..leaderboard import trial_path
 from .spec import SearchSpec
-from .study import Heartbeat, Outcome
+from .study import FINAL_ATTR, Heartbeat, Outcome, is_stale, retry_trial
+
+log = logging.getLogger(__name__)
 
 ARTIFACT_ATTR = "artifact_dir"  # Optuna user attr: where the trial's checkpoint, metrics and samples live
 
@@ -69,6 +74,52 @@ def tell(study: optuna.Study, trial, state: str, values: Optional[Sequence[float
         study.tell(trial, state=TrialState.FAIL)
 
 
+def release(spec: SearchSpec, trial) -> None:
+    """A told trial is no longer claimed: drop its heartbeat."""
+    (artifact_dir(spec, trial) / "heartbeat.json").unlink(missing_ok=True)
+
+
+def settle(study: optuna.Study, spec: SearchSpec, trial: optuna.trial.FrozenTrial) -> Optional[str]:
+    """Tell the study the outcome of a trial whose worker wrote its leaderboard row (FINAL set)
+    and died before telling.  Returns the state told, or None when there is no readable row."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = row_path(spec, trial.number)
+    if not trial.user_attrs.get(FINAL_ATTR) or not path.exists():
+        return None
+    try:
+        row = pq.read_table(path).to_pylist()[0]
+    except (pa.ArrowException, OSError, IndexError) as exc:  # damaged at rest: retried like a missing row
+        log.warning("trial %d: unreadable leaderboard row %s (%s); the trial is retried", trial.number, path, exc)
+        return None
+    values = None
+    if row.get("val_bpd") is not None:
+        values = [row["val_bpd"]]
+        if spec.objective.second is not None:
+            values.append(float(row.get(spec.objective.second) or math.nan))
+    try:
+        tell(study, trial.number, row["state"], values)
+    except (RuntimeError, ValueError) as exc:  # told meanwhile
+        log.debug("trial %d: %s", trial.number, exc)
+    return row["state"]
+
+
+def recover(study: optuna.Study, spec: SearchSpec) -> list[int]:
+    """Trials left RUNNING by a dead worker (local process or Ray actor, see
+    :func:`~mdmsearch.search.study.is_stale`): told from their leaderboard row if they wrote
+    one, else failed and re-queued to resume from their checkpoint.  Returns the re-queued
+    numbers.  Call under :func:`~mdmsearch.search.study.study_lock`."""
+    retried = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if not is_stale(t) or settle(study, spec, t) is not None:
+            continue
+        if retry_trial(study, t, "worker died; retried from its checkpoint"):
+            retried.append(t.number)
+            log.warning("trial %d was left RUNNING by a dead worker: re-queued to resume from its checkpoint", t.number)
+    return retried
+
+
 class Deadline:
     """The spec's time budget: after it, no new trial starts (running ones finish)."""
 
@@ -80,4 +131,5 @@ class Deadline:
         return self.at is not None and time.time() >= self.at
 
 
-__all__ = ["ARTIFACT_ATTR", "Deadline", "Outcome", "artifact_dir", "claim", "row_path", "tell"]
+__all__ = ["ARTIFACT_ATTR", "Deadline", "Outcome", "artifact_dir", "claim", "recover", "release", "row_path", "settle",
+           "tell"]

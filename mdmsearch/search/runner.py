@@ -24,10 +24,9 @@ from ..training import Trainer
 from ..training.checkpoint import atomic_write_json
 from .plan import TrialPlan, suggest_plan
 from .spec import SearchSpec
-from .lifecycle import ARTIFACT_ATTR, Deadline, Outcome, artifact_dir, claim, tell
+from .lifecycle import ARTIFACT_ATTR, Deadline, Outcome, artifact_dir, claim, recover, release, tell
 from .space import finite_size
-from .study import (FINAL_ATTR, OUTCOME_ATTR, Heartbeat, count_trials, open_study, record_run, recover_stale,
-                    stop_reason, study_lock)
+from .study import FINAL_ATTR, OUTCOME_ATTR, Heartbeat, count_trials, open_study, record_run, stop_reason, study_lock
 
 log = logging.getLogger(__name__)
 
@@ -107,9 +106,9 @@ def find_invalid(study: optuna.Study, structure_hash: str, own_number: int):
 
 def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Optional[optuna.Study] = None,
                   report: Optional[Callable[[int, dict], None]] = None) -> TrialOutcome:
-    """Run one trial end to end and write its leaderboard row.  ``trial`` is an Optuna trial
-    (ask-and-tell or from Ray's OptunaSearch); ``report(step, metrics)`` is how intermediate
-    values reach the pruner (Optuna's ``trial.report`` + ``should_prune`` by default)."""
+    """Run one trial end to end and write its leaderboard row.  ``trial`` is a claimed Optuna
+    trial; ``report(step, metrics)`` is how intermediate values reach the pruner (Optuna's
+    ``trial.report`` + ``should_prune`` by default, for every executor)."""
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
     number = trial.number
@@ -222,6 +221,19 @@ def tell_outcome(study: optuna.Study, trial, outcome: TrialOutcome) -> None:
     tell(study, trial, outcome.state, outcome.values)
 
 
+def run_claimed(study: optuna.Study, spec: SearchSpec, trial, executor: str) -> TrialOutcome:
+    """A claimed trial from plan to release, wherever it runs: execute, tell, drop the claim.
+    An unexpected exception (a bug, not a decided failure) is told as FAIL and re-raised."""
+    try:
+        outcome = execute_trial(trial, spec, executor=executor, study=study)
+    except Exception:
+        study.tell(trial, state=TrialState.FAIL)  # not counted, not retried
+        raise
+    tell_outcome(study, trial, outcome)
+    release(spec, trial)
+    return outcome
+
+
 _UNKNOWN = object()  # space size not computed yet
 
 
@@ -238,34 +250,32 @@ def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = Fal
             log.info("worker %d: time budget of %.0fs used up", worker, spec.time_budget_s)
             break
         with study_lock(spec):
-            recover_stale(study)
+            recover(study, spec)
             counts = count_trials(study)
             reason = stop_reason(study, spec, counts, space_size, repeats)
             if reason is not None:
                 (log.info if reason.startswith("n_trials=") else log.warning)("worker %d: stopping: %s", worker, reason)
                 break
             trial = claim(study, spec)  # before releasing the lock: the artifact dir + a first heartbeat
-            art_dir = artifact_dir(spec, trial)
         log.info("worker %d: trial %d (%d/%d finished)", worker, trial.number, counts["finished"], spec.n_trials)
-        try:
-            outcome = execute_trial(trial, spec, executor="local", study=study)
-        except Exception:
-            study.tell(trial, state=TrialState.FAIL)  # an unexpected bug: not retried, re-raised
-            raise
-        tell_outcome(study, trial, outcome)
-        (art_dir / "heartbeat.json").unlink(missing_ok=True)  # told: no longer claimed
+        outcome = run_claimed(study, spec, trial, "local")
         ran += 1
         repeats = repeats + 1 if outcome.state in (Outcome.DUPLICATE, Outcome.INVALID) else 0
         _log_outcome(worker, outcome)
     return ran
 
 
-def _log_outcome(worker: int, outcome: TrialOutcome) -> None:
+def describe_outcome(outcome: TrialOutcome) -> str:
+    """One line for the log: 'trial 7 COMPLETE learned K=1 Q:full D:diag val_bpd=2.0504'."""
     r = outcome.row
     label = r["baseline"] or f"learned K={r['n_aux']} Q:{r['q_pattern']} D:{r['d_pattern']}"
     bpd = r.get("val_bpd")
-    log.info("worker %d: trial %d %s %s%s", worker, r["trial"], outcome.state, label,
-             f" val_bpd={bpd:.4f}" if isinstance(bpd, float) else (f" ({r.get('reason')})" if r.get("reason") else ""))
+    tail = f" val_bpd={bpd:.4f}" if isinstance(bpd, float) else (f" ({r.get('reason')})" if r.get("reason") else "")
+    return f"trial {r['trial']} {outcome.state} {label}{tail}"
+
+
+def _log_outcome(worker: int, outcome: TrialOutcome) -> None:
+    log.info("worker %d: %s", worker, describe_outcome(outcome))
 
 
 def _die_with_parent() -> None:

@@ -295,17 +295,6 @@ def retry_trial(study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -
     return True
 
 
-def recover_stale(study: optuna.Study) -> list[int]:
-    """Fail dead RUNNING trials and enqueue a retry that resumes from their checkpoint.
-    Call under :func:`study_lock`."""
-    retried = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if is_stale(t) and retry_trial(study, t, "worker died; retried from its checkpoint"):
-            retried.append(t.number)
-            log.warning("trial %d was left RUNNING by a dead worker: re-queued to resume from its checkpoint", t.number)
-    return retried
-
-
 OUTCOME_ATTR = "outcome"  # user attr: an Outcome value (INVALID is told to Optuna as PRUNED)
 
 
