@@ -48,6 +48,42 @@ def test_claim_records_the_artifact_dir_attrs_and_a_heartbeat(spec):
     assert row_path(spec, 7) == spec.leaderboard_root / "dataset=digits" / "study=lc" / "trial-7.parquet"
 
 
+def test_recover_tells_a_written_row_and_requeues_the_rest(spec):
+    """A dead worker's RUNNING trial: told from its leaderboard row when it wrote one (no
+    retraining), else failed and re-queued to resume from its checkpoint; a live one is left."""
+    import os
+
+    from mdmsearch.leaderboard import write_trial
+    from mdmsearch.search.lifecycle import recover
+    from mdmsearch.search.study import FINAL_ATTR
+
+    study = optuna.create_study()
+    with_row, without_row, alive = (claim(study, spec) for _ in range(3))
+    dead = _dead_pid()
+    for t in (with_row, without_row):
+        hb = artifact_dir(spec, t) / "heartbeat.json"
+        hb.write_text(json.dumps({**json.loads(hb.read_text()), "pid": dead}))
+    with_row.set_user_attr(FINAL_ATTR, True)
+    write_trial(spec.leaderboard_root, spec.data.name, spec.study,
+                {"trial": with_row.number, "state": "COMPLETE", "val_bpd": 1.25})
+    assert recover(study, spec) == [without_row.number]
+    states = {t.number: t.state for t in study.trials}
+    assert states[with_row.number] == TrialState.COMPLETE and study.trials[with_row.number].values == [1.25]
+    assert states[without_row.number] == TrialState.FAIL and states[alive.number] == TrialState.RUNNING
+    retry = study.trials[-1]
+    assert retry.state == TrialState.WAITING and retry.user_attrs["retry_of"] == without_row.number
+    assert os.getpid() != dead
+
+
+def _dead_pid() -> int:
+    """The pid of a process that has exited."""
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
 def test_deadline():
     assert not Deadline(None).passed()
     d = Deadline(0.05)

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from mdmsearch.search.runner import _optuna_reporter
+from mdmsearch.training import StopTraining
 from mdmsearch.search.space import enumerate_space
 from mdmsearch.search.spec import SearchSpec, load_spec
 from mdmsearch.search.study import MAX_REPEATS, budget_used, stop_reason
@@ -163,7 +164,7 @@ def test_local_pruner_never_prunes_a_baseline():
     study.tell(good, 1.0)
     baseline, searched = study.ask(), study.ask()
     _optuna_reporter(baseline, prunable=False)(10, {"val_bpd": 9.0})  # worse than the median: kept
-    with pytest.raises(optuna.TrialPruned):
+    with pytest.raises(StopTraining, match="pruned at step 10"):
         _optuna_reporter(searched)(10, {"val_bpd": 9.0})
     assert study.trials[baseline.number].intermediate_values == {10: 9.0}
 

@@ -101,6 +101,36 @@ def test_resume_continues_exactly(tmp_path):
     assert straight.history[-1]["val_bpd"] == pytest.approx(resumed.history[-1]["val_bpd"], abs=1e-6)
 
 
+def test_run_result_for_complete_stopped_and_resumed_runs(tmp_path):
+    """The search's narrow API: a callback raising StopTraining ends the run with a stopped
+    result (its progress, the reason); a resumed run replays its restored evaluations through
+    the callback first (a pruner judges the whole curve) and completes with the metrics."""
+    from mdmsearch.training import StopTraining
+
+    cfg = _cfg({"name": "vpsde"}, dataset="moons", steps=6, optim={"batch_size": 16},
+               train={"eval_every": 2, "eval_examples": 16, "test_n_t": 1})
+    seen = []
+
+    def prune_at_4(step, metrics):
+        seen.append((step, metrics["val_bpd"]))
+        if step == 4:
+            raise StopTraining("pruned at step 4")
+
+    stopped = Trainer(cfg, tmp_path, callback=prune_at_4).run()
+    assert not stopped.completed and stopped.metrics is None and stopped.reason == "pruned at step 4"
+    assert stopped.progress.step == 4 and [h["step"] for h in stopped.progress.history] == [2, 4]
+    assert stopped.progress.last_val == seen[-1][1]
+
+    seen.clear()
+    resumed = Trainer(cfg, tmp_path, callback=lambda step, m: seen.append((step, m["val_bpd"]))).run(replay=True)
+    assert resumed.completed and resumed.reason is None
+    assert [s for s, _ in seen] == [2, 4, 6]  # 2 and 4 replayed from the checkpoint, then 6
+    assert resumed.metrics["steps"] == 6 and resumed.progress.step == 6
+    assert math.isfinite(resumed.metrics["test_bpd"])
+    again = Trainer(cfg, tmp_path, callback=lambda step, m: seen.append(step)).run(replay=False)
+    assert again.completed and again.progress.step == 6  # nothing left to train, nothing replayed
+
+
 def test_resume_refuses_another_config(tmp_path):
     Trainer(_cfg({"name": "vpsde"}, dataset="moons", steps=2), tmp_path).fit()
     with pytest.raises(ConfigError, match="different configuration"):

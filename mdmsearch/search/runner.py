@@ -20,7 +20,7 @@ from ..config import resolve_parameterization
 from ..data import DataBundle, load_dataset
 from ..errors import MDMError
 from ..leaderboard import mask_json, write_curve, write_trial
-from ..training import Trainer
+from ..training import StopTraining, Trainer
 from ..training.checkpoint import atomic_write_json
 from .plan import TrialPlan, suggest_plan
 from .spec import SearchSpec
@@ -166,15 +166,7 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
         atomic_write_json(art_dir / "plan.json", {"plan": plan.__dict__, "trial": number})
         with Heartbeat(art_dir, number):
             trainer = Trainer(config, art_dir, callback=reporter, data=load_data(spec))
-            if trainer.try_resume() and report is None:
-                for h in trainer.progress().history:  # the pruner sees the curve from before the crash
-                    trial.report(h["val_bpd"], h["step"])
-            metrics = trainer.fit(resume=False)
-    except optuna.TrialPruned:
-        run = trainer.progress()
-        _write_curve(spec, number, run.history)
-        return done(Outcome.PRUNED, None, reason=f"pruned at step {run.step}", val_bpd=run.last_val,
-                    best_val_bpd=run.best_val, steps=run.step, train_seconds=run.train_seconds, n_params=run.n_params)
+            result = trainer.run(resume=True, replay=True)  # the pruner sees the curve from before a crash
     except MDMError as exc:  # NaN loss, failed Cholesky, invalid process: a decided failure
         log.warning("trial %d failed: %s", number, exc)
         return done(Outcome.FAIL, None, reason=str(exc))
@@ -182,7 +174,12 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
         reason = f"cannot write trial artifacts: {exc.strerror or exc} (errno {exc.errno})"
         log.warning("trial %d failed: %s (%s)", number, reason, exc.filename or art_dir)
         return done(Outcome.FAIL, None, reason=reason, steps=trainer.progress().step if trainer is not None else None)
-    _write_curve(spec, number, trainer.progress().history)
+    run = result.progress
+    _write_curve(spec, number, run.history)
+    if not result.completed:
+        return done(Outcome.PRUNED, None, reason=result.reason, val_bpd=run.last_val, best_val_bpd=run.best_val,
+                    steps=run.step, train_seconds=run.train_seconds, n_params=run.n_params)
+    metrics = result.metrics
     trial.set_user_attr("test_bpd", metrics["test_bpd"])
     trial.set_user_attr("steps", metrics["steps"])
     values = [metrics["val_bpd"]]
@@ -210,7 +207,7 @@ def _optuna_reporter(trial, prunable: bool = True):
             return  # Optuna cannot prune multi-objective trials
         trial.report(metrics["val_bpd"], step)
         if prunable and trial.should_prune():
-            raise optuna.TrialPruned()
+            raise StopTraining(f"pruned at step {step}")
 
     return report
 

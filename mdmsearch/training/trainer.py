@@ -1,11 +1,13 @@
 """The inner loop: maximize the ELBO jointly over network weights and the process (Q, D).
 
     Trainer(config, out_dir, callback).fit(resume=...)  ->  final metrics dict
+    Trainer(config, out_dir, callback).run(replay=...)  ->  RunResult (complete or stopped)
 
 Every ``eval_every`` steps: validation BPD with the EMA weights and a fixed evaluation seed,
-an atomic checkpoint, then ``callback(step, metrics)`` (the search prunes from there by
-raising).  A resumed run continues exactly as an uninterrupted one (all randomness comes
-from generators whose states are checkpointed).
+an atomic checkpoint, then ``callback(step, metrics)``; a callback ends the run early by
+raising :class:`StopTraining` (the search's pruner does), which :meth:`Trainer.run` turns into
+a stopped :class:`RunResult`.  A resumed run continues exactly as an uninterrupted one (all
+randomness comes from generators whose states are checkpointed).
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ RESIDUAL_STATS_FILE = "residual_stats.json"  # mu, s2 of the Gaussian part (mixe
 from ..compare import PER_EXAMPLE_FILE  # noqa: E402  per-example val/test BPD for paired comparisons
 
 
+class StopTraining(Exception):
+    """Raised by a callback to end a run early (e.g. a pruner); the message says why."""
+
+
 @dataclass
 class RunProgress:
     """A run's state for callers that stop it early (the search's pruner) or resume it."""
@@ -56,6 +62,17 @@ class RunProgress:
     @property
     def last_val(self) -> Optional[float]:
         return self.history[-1].get("val_bpd") if self.history else None
+
+
+@dataclass
+class RunResult:
+    """How :meth:`Trainer.run` ended: ``completed`` with the final ``metrics``, or stopped by
+    the callback (``reason``); ``progress`` either way."""
+
+    completed: bool
+    progress: RunProgress
+    metrics: Optional[dict] = None
+    reason: Optional[str] = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -291,6 +308,20 @@ class Trainer:
         if bar is not None:
             bar.close()
         return self.finish()
+
+    def run(self, *, resume: bool = True, replay: bool = False) -> RunResult:
+        """:meth:`fit` for callers that may stop the run early: a callback raising
+        :class:`StopTraining` ends it with a result instead of an exception.  ``replay``: after
+        resuming, the restored evaluations go through the callback first, so that a pruner
+        judges the whole curve, not just the part after a crash."""
+        try:
+            if resume and self.try_resume() and replay and self.callback is not None:
+                for row in list(self.history):
+                    self.callback(int(row["step"]), dict(row))
+            metrics = self.fit(resume=False)
+        except StopTraining as stop:
+            return RunResult(False, self.progress(), reason=str(stop) or f"stopped at step {self.step}")
+        return RunResult(True, self.progress(), metrics=metrics)
 
     def _eval_and_checkpoint(self, running_loss: Optional[float]) -> None:
         res = self.evaluate("val", self.config.train.eval_examples)
