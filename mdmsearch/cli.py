@@ -27,8 +27,9 @@ _TRAIN_FLAGS = {
     "model": ("model", "name", str, "score network: auto (mlp for vectors, unet for images), mlp, unet"),
     "model_size": ("model", "size", str, "network size preset, e.g. tiny, small"),
     "parameterization": ("model", "parameterization", str,
-                         "noise predictor: mixed (exact Gaussian part + network, the default) or eps (network alone)"),
-    "residual_stats": ("model", "residual_stats", str, "statistics of the Gaussian part: floored, pixel, global"),
+                         "noise predictor: auto (the default: mixed with auxiliary variables, eps without), mixed "
+                         "(exact Gaussian part + network) or eps (network alone)"),
+    "residual_stats": ("model", "residual_stats", str, "statistics of the Gaussian part: global (the default), floored, pixel"),
     "batch_size": ("optim", "batch_size", int, "training batch size"),
     "lr": ("optim", "lr", float, "learning rate of the network"),
     "process_lr": ("optim", "process_lr", float, "learning rate of Q and D (learned processes)"),
