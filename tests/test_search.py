@@ -233,6 +233,31 @@ def test_invalid_structure_costs_no_training_and_duplicates_are_not_retrained(tm
     assert math.isnan(first.iloc[0]["val_std"])
 
 
+def test_a_configuration_in_training_elsewhere_is_not_trained_twice(tmp_path):
+    """Two workers proposing the same point at once (aux3 with 2 workers: 2 of 28 trained trials
+    were such twins): the later one is answered as a duplicate, without a value and without
+    training, told as pruned, and does not count toward n_trials."""
+    from mdmsearch.search.lifecycle import claim
+    from mdmsearch.search.plan import suggest_plan
+    from mdmsearch.search.runner import run_claimed
+    from mdmsearch.search.spec import parse_spec
+    from mdmsearch.search.study import budget_used, count_trials, open_study
+
+    spec = parse_spec(dict(TINY, study="twins", baselines=["vpsde"], studies_dir=str(tmp_path / "studies")))
+    study = open_study(spec)
+    first = claim(study, spec)  # the enqueued baseline, being trained by "another worker"
+    first.set_user_attr("config_hash", suggest_plan(first, spec, baseline="vpsde").config_hash(spec))
+    study.enqueue_trial(dict(study.trials[0].params), user_attrs={"baseline": "vpsde"})
+    twin = claim(study, spec)
+    outcome = run_claimed(study, spec, twin, "local")
+    assert outcome.state == "DUPLICATE" and outcome.values is None
+    assert outcome.row["duplicate_of"] == first.number and "still training" in outcome.row["reason"]
+    assert not (tmp_path / "studies" / "twins" / "trials" / str(twin.number) / "checkpoint.pt").exists()
+    assert study.trials[twin.number].state.name == "PRUNED"
+    counts = count_trials(study)
+    assert counts["duplicates"] == 1 and budget_used(counts) == 1  # only the running first trial counts
+
+
 @pytest.mark.parametrize(
     "mutate,needle",
     [

@@ -94,6 +94,17 @@ def find_duplicate(study: optuna.Study, config_hash: str, own_number: int):
     return None
 
 
+def find_running_twin(study: optuna.Study, config_hash: str, own_number: int):
+    """An earlier trial of the same configuration that another worker is training right now:
+    training it twice in parallel buys no information (parallel workers can propose the same
+    point, constant liar or not).  The earlier trial wins; its twin is answered without a value."""
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if (t.number < own_number and t.user_attrs.get("config_hash") == config_hash
+                and t.user_attrs.get("duplicate_of") is None):
+            return t
+    return None
+
+
 def find_invalid(study: optuna.Study, structure_hash: str, own_number: int):
     """An earlier trial rejected as INVALID with the same structure (its hyperparameters do
     not matter: the structure itself cannot train)."""
@@ -158,6 +169,12 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
                             duplicate_of=dup.number, steps=first.get("steps"))
             return done(Outcome.DUPLICATE, list(dup.values), duplicate_of=dup.number, val_bpd=dup.values[0],
                         test_bpd=first.get("test_bpd"), steps=first.get("steps"))
+        twin = find_running_twin(study, row["config_hash"], number)
+        if twin is not None:  # told like a duplicate of a pruned trial: no value (its twin brings it)
+            trial.set_user_attr("duplicate_of", twin.number)
+            log.info("trial %d duplicates trial %d, which is still training: not trained twice", number, twin.number)
+            return done(Outcome.DUPLICATE, None, reason=f"duplicate of trial {twin.number}, which was still training",
+                        duplicate_of=twin.number)
 
     config = plan.run_config(spec)
     reporter = report or _optuna_reporter(trial, prunable=not plan.baseline)
