@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from ..leaderboard import trial_path
 from .spec import SearchSpec
-from .study import FINAL_ATTR, Heartbeat, Outcome, is_stale, retry_trial
+from .study import FINAL_ATTR, Heartbeat, Outcome, heartbeat_path, is_stale, retry_trial
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def tell(study: optuna.Study, trial, state: str, values: Optional[Sequence[float
 
 def release(spec: SearchSpec, trial) -> None:
     """A told trial is no longer claimed: drop its heartbeat."""
-    (artifact_dir(spec, trial) / "heartbeat.json").unlink(missing_ok=True)
+    heartbeat_path(artifact_dir(spec, trial)).unlink(missing_ok=True)
 
 
 def settle(study: optuna.Study, spec: SearchSpec, trial: optuna.trial.FrozenTrial) -> Optional[str]:

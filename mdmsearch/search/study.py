@@ -211,7 +211,7 @@ def open_study(spec: SearchSpec, *, allow_spec_change: bool = False, create: boo
 
 
 # ---------------------------------------------------------------------- liveness
-def _heartbeat_path(artifact_dir: Path) -> Path:
+def heartbeat_path(artifact_dir: Path) -> Path:
     return Path(artifact_dir) / "heartbeat.json"
 
 
@@ -219,7 +219,7 @@ class Heartbeat:
     """Writes {pid, host, time} next to a running trial's artifacts every few seconds."""
 
     def __init__(self, artifact_dir: Path, trial_number: int):
-        self.path = _heartbeat_path(artifact_dir)
+        self.path = heartbeat_path(artifact_dir)
         self.trial_number = trial_number
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"heartbeat-{trial_number}")
@@ -265,7 +265,7 @@ def is_stale(trial: optuna.trial.FrozenTrial, now: Optional[float] = None) -> bo
     (or, before the first beat, its start) is older than STALE_SECONDS."""
     now = time.time() if now is None else now
     art = trial.user_attrs.get("artifact_dir")
-    hb = _heartbeat_path(Path(art)) if art else None
+    hb = heartbeat_path(Path(art)) if art else None
     if hb is not None and hb.exists():
         try:
             info = json.loads(hb.read_text())
