@@ -146,6 +146,32 @@ def test_nan_loss_is_a_typed_error(tmp_path):
         tr.fit()
 
 
+def test_gradient_clipping_is_clip_grad_norm(tmp_path):
+    """Gradients above optim.grad_clip are scaled exactly as clip_grad_norm_ does (network and
+    process together), gradients below are left bitwise alone, and a non-finite norm is a typed error."""
+    tr = Trainer(_cfg({"name": "learned", "n_aux": 1}, dataset="moons", steps=1, optim={"grad_clip": 0.5}), tmp_path)
+    params = [p for g in tr.optimizer.param_groups for p in g["params"]]
+    g = torch.Generator().manual_seed(0)
+    for scale in (10.0, 1e-3):
+        for p in params:
+            p.grad = scale * torch.randn(p.shape, generator=g, dtype=p.dtype)
+        copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        for c, p in zip(copies, params):
+            c.grad = p.grad.clone()
+        torch.nn.utils.clip_grad_norm_(copies, 0.5)  # the reference, on copies
+        ref = [c.grad for c in copies]
+        before = [p.grad.clone() for p in params]
+        tr._clip_gradients()
+        for p, e, b in zip(params, ref, before):
+            if scale > 1:
+                torch.testing.assert_close(p.grad, e)
+            else:
+                assert torch.equal(p.grad, b)
+    params[0].grad[0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient at step 1"):
+        tr._clip_gradients()
+
+
 def test_trained_gaussian_samples_match_moments(tmp_path):
     from mdmsearch.sampling import sample
 

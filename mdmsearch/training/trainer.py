@@ -161,26 +161,42 @@ class Trainer:
     def train_step(self) -> float:
         idx = torch.randint(0, self.train_x.shape[0], (self.config.optim.batch_size,), generator=self.data_gen)
         batch = self.train_x[idx.to(self.device)]
-        self.net.train()
+        if not self.net.training:  # (evaluation switches it off; walking the modules every step costs)
+            self.net.train()
         loss = self.loss(batch)
-        if not torch.isfinite(loss):
+        value = loss.item()
+        if not math.isfinite(value):
             raise NonFiniteLossError(
-                f"non-finite loss ({loss.item()}) at step {self.step + 1} for process {self.process.name!r} "
+                f"non-finite loss ({value}) at step {self.step + 1} for process {self.process.name!r} "
                 f"(Q={self.process.Q.detach().tolist()}, D={self.process.D.detach().tolist()}); "
                 "lower the learning rates or check the data")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.config.optim.grad_clip, foreach=True)
-        if not torch.isfinite(grad_norm):
-            raise NonFiniteLossError(f"non-finite gradient at step {self.step + 1}")
+        self._clip_gradients()
         self.optimizer.step()
         self.scheduler.step()
         self.ema.update(self.step)
         self.step += 1
         if isinstance(self.time_sampler, AdaptiveTime) and self.step % self.config.train.adaptive_refresh == 0:
             self.time_sampler.refresh(self.process)
-        return loss.item()
+        return value
+
+    def _clip_gradients(self) -> None:
+        """Scale all gradients (network and process) to a total 2-norm of at most ``optim.grad_clip``.
+
+        The same rule as ``clip_grad_norm_`` (factor min(1, c / (norm + 1e-6))), but the norm is read
+        once on the host, which the finiteness check needs anyway, and gradients are multiplied
+        only when the factor is below 1: the multiply-by-one of every step cost as much as the
+        norm on CPU."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        grads = [p.grad for p in params]
+        total = torch.nn.utils.get_total_norm(grads, foreach=True)
+        norm = float(total)
+        if not math.isfinite(norm):
+            raise NonFiniteLossError(f"non-finite gradient at step {self.step + 1}")
+        max_norm = self.config.optim.grad_clip
+        if max_norm / (norm + 1e-6) < 1.0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
 
     def evaluate(self, split: str = "val", n_examples: Optional[int] = None, n_t: Optional[int] = None) -> dict:
         tc = self.config.train
