@@ -87,6 +87,22 @@ def network_name(config: RunConfig, data_shape: tuple[int, ...]) -> str:
     return "mlp" if len(data_shape) == 1 else "unet"
 
 
+def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """2-norm of all gradients together (float64 scalar).
+
+    On GPUs the multi-tensor norm of ``get_total_norm``.  On CPU, where multi-tensor kernels
+    loop over the tensors one by one, one norm of each dtype's gradients concatenated is
+    3x cheaper for small networks (0.12 vs 0.36 ms for the tiny U-Net's 130 tensors) and costs
+    one copy of the gradients for large ones (a few ms against a step of seconds)."""
+    if not grads or grads[0].device.type != "cpu":
+        return torch.nn.utils.get_total_norm(grads, foreach=True).to(torch.float64)
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g.reshape(-1))
+    norms = [torch.linalg.vector_norm(torch.cat(flat)).to(torch.float64) for flat in by_dtype.values()]
+    return torch.linalg.vector_norm(torch.stack(norms))
+
+
 class Trainer:
     def __init__(self, config: RunConfig, out_dir: str | Path, callback: Optional[Callback] = None,
                  data: Optional[DataBundle] = None):
@@ -187,10 +203,9 @@ class Trainer:
         The same rule as ``clip_grad_norm_`` (factor min(1, c / (norm + 1e-6))), but the norm is read
         once on the host, which the finiteness check needs anyway, and gradients are multiplied
         only when the factor is below 1: the multiply-by-one of every step cost as much as the
-        norm on CPU."""
+        norm on CPU (0.35 of 0.9 ms per digits step)."""
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-        grads = [p.grad for p in params]
-        total = torch.nn.utils.get_total_norm(grads, foreach=True)
+        total = _total_norm([p.grad for p in params])
         norm = float(total)
         if not math.isfinite(norm):
             raise NonFiniteLossError(f"non-finite gradient at step {self.step + 1}")
