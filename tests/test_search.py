@@ -137,7 +137,7 @@ def test_tiny_study_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_sigkill_mid_trial_then_resume(tmp_path):
-    spec = dict(TINY, n_trials=6, budget=dict(TINY["budget"], steps=200, eval_every=20))
+    spec = dict(TINY, n_trials=6, budget=dict(TINY["budget"], steps=100, eval_every=20))
     path = _write(tmp_path, spec)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "mdmsearch.cli", "run", str(path), "--studies-dir",
@@ -148,7 +148,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     while not ckpt.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
     assert ckpt.exists(), "the first trial never checkpointed"
-    time.sleep(0.5)
+    time.sleep(0.2)  # (its 80 remaining steps take about a second)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     # the journal still says RUNNING; the same command finishes the study
@@ -159,7 +159,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     assert len(df) == 6  # none lost, none duplicated
     retried = df[df["retry_of"].notna()]
     assert len(retried) == 1 and int(retried.iloc[0]["retry_of"]) == 0
-    assert retried.iloc[0]["steps"] == 200
+    assert retried.iloc[0]["steps"] == 100
     assert "resumed from" in res.stderr
     # the study itself: the killed trial is FAIL (not counted), everything else decided once
     study = _study(tmp_path, "tiny")
@@ -171,9 +171,7 @@ def test_sigkill_mid_trial_then_resume(tmp_path):
     # the retry replayed the killed run's learning curve to the pruner before continuing: it
     # reported every evaluation step, including those done before the kill
     retry = study.trials[int(retried.iloc[0]["trial"])]
-    assert sorted(retry.intermediate_values) == list(range(20, 201, 20))
-    for f in (tmp_path / "studies" / "leaderboard").rglob("*"):
-        assert not f.name.endswith(".tmp")
+    assert sorted(retry.intermediate_values) == list(range(20, 101, 20))
     for f in (tmp_path / "studies" / "leaderboard").rglob("*"):
         assert not f.name.endswith(".tmp")
 
