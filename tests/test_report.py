@@ -30,7 +30,7 @@ SPEC = """\
 study: tiny
 data: {name: digits}
 model: {name: unet, size: tiny}
-budget: {steps: 30, eval_every: 10, eval_examples: 32, batch_size: 16, n_samples: 4, sample_steps: 5}
+budget: {steps: 30, eval_every: 10, eval_examples: 32, batch_size: 16, n_samples: 4, sample_steps: 5, test_n_t: 4}
 sampler: {name: random, seed: 0}
 pruner: {name: median, n_startup_trials: 2}
 structure: {n_aux: [0, 1, 2], q_patterns: [full, chain], d_patterns: [full, aux, last]}
