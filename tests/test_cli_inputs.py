@@ -133,3 +133,10 @@ def test_bad_input_is_one_line_exit_2_nothing_written(results, name):
     assert not res["new"], f"created {sorted(res['new'])}"
     assert "secret" not in lines[0]  # a password in a URL is never echoed
     assert not Path("/proc/mdmsearch-studies").exists() and not Path("/nonexistent/mdm").exists()
+
+
+def test_missing_data_says_where_a_spec_names_the_folder(results):
+    """`run` has no --data-dir flag: the message names the spec's data.data_dir (and train's flag)."""
+    line = results["data-mnist-missing"]["stderr"].strip()
+    assert "set data.data_dir to their folder (mdmsearch train: --data-dir)" in line, line
+    assert "data.download: true" in line, line

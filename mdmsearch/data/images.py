@@ -136,11 +136,16 @@ def read_mnist_images(images: Path, labels: Path | None = None) -> torch.Tensor:
     return torch.from_numpy(x).unsqueeze(1)  # [N, 1, 28, 28]
 
 
+# where a missing-data message sends the user: a search spec or run config names the folder in
+# data.data_dir, ``mdmsearch train`` also takes it as --data-dir (and --download)
+_POINT_ELSEWHERE = "set data.data_dir to their folder (mdmsearch train: --data-dir)"
+_ENABLE_DOWNLOAD = "enable the download (data.download: true; mdmsearch train: --download)"
+
 def _download_mnist(root: Path) -> None:
     """torchvision download into ``root/MNIST/raw``; every failure -> one-line error."""
     import torchvision.datasets
 
-    hint = f"Put the official IDX files ({_MNIST_NAMES}) in {root} or pass --data-dir."
+    hint = f"Put the official IDX files ({_MNIST_NAMES}) in {root} or {_POINT_ELSEWHERE}."
     try:
         for train in (True, False):
             torchvision.datasets.MNIST(root=str(root), train=train, download=True)
@@ -163,7 +168,7 @@ def load_mnist(request: DatasetRequest, *, val_size: int = 5000) -> DataBundle:
             raise DatasetUnavailableError(
                 f"mnist: no local files in {root} (looked in "
                 f"{', '.join(str(d) for d in mnist_search_dirs(root))}); expected the official "
-                f"IDX files {_MNIST_NAMES}. Put them there, pass --data-dir, or enable download."
+                f"IDX files {_MNIST_NAMES}. Put them there, {_POINT_ELSEWHERE}, or {_ENABLE_DOWNLOAD}."
             )
         _download_mnist(root)
         files = find_mnist_files(root)
@@ -202,9 +207,9 @@ def load_cifar10(request: DatasetRequest, *, val_size: int = 5000) -> DataBundle
     if base is None and not request.download:
         raise DatasetUnavailableError(
             f"cifar10: no local files in {root} (expected {root / _CIFAR_DIRNAME}/ with "
-            f"data_batch_1..5 and test_batch). Put them there, pass --data-dir, or enable download."
+            f"data_batch_1..5 and test_batch). Put them there, {_POINT_ELSEWHERE}, or {_ENABLE_DOWNLOAD}."
         )
-    hint = f"Put the extracted {_CIFAR_DIRNAME}/ folder in {root} or pass --data-dir."
+    hint = f"Put the extracted {_CIFAR_DIRNAME}/ folder in {root} or {_POINT_ELSEWHERE}."
     try:
         sets = [
             torchvision.datasets.CIFAR10(root=str(base or root), train=t, download=request.download)
@@ -267,7 +272,7 @@ def load_imagenet32(request: DatasetRequest, *, val_size: int = 10000) -> DataBu
         raise DatasetUnavailableError(
             f"imagenet32: no local files in {root}; expected {IMAGENET32_TRAIN[0]} .. "
             f"{IMAGENET32_TRAIN[-1]} and {IMAGENET32_VAL} there or in {root / 'imagenet32'}. "
-            f"Put them there or pass --data-dir{extra if request.download else ''}."
+            f"Put them there or {_POINT_ELSEWHERE}{extra if request.download else ''}."
         )
     logger.info("imagenet32: reading %d train batches from %s", len(train_files), root)
     train_full = torch.cat([read_imagenet32_npz(p) for p in train_files]) if train_files else None
