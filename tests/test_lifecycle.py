@@ -75,6 +75,33 @@ def test_recover_tells_a_written_row_and_requeues_the_rest(spec):
     assert os.getpid() != dead
 
 
+def test_a_claim_orphaned_before_its_first_heartbeat_is_recovered(spec, monkeypatch):
+    """A claimer killed between the ask and its first heartbeat leaves a RUNNING trial with an
+    artifact directory and no heartbeat file: recovered after HEARTBEAT_SECONDS, not after
+    STALE_SECONDS (a resumed run counted it as running elsewhere and stopped one trial short)."""
+    from mdmsearch.search import study as study_mod
+    from mdmsearch.search.lifecycle import recover
+
+    study = optuna.create_study()
+    orphan = claim(study, spec)
+    study_mod.heartbeat_path(artifact_dir(spec, orphan)).unlink()  # killed before the beat
+    frozen = study.trials[orphan.number]
+    start = frozen.datetime_start.timestamp()
+    beat = study_mod.HEARTBEAT_SECONDS
+    assert beat < study_mod.STALE_SECONDS
+    assert not study_mod.is_stale(frozen, now=start + 0.5 * beat)  # a claim may be in progress elsewhere
+    assert study_mod.is_stale(frozen, now=start + 2 * beat)
+    bare = study.ask()  # asked outside claim (no artifact dir): the long grace
+    assert not study_mod.is_stale(study.trials[bare.number], now=start + 2 * beat)
+    assert recover(study, spec) == []  # too young yet
+    monkeypatch.setattr(study_mod, "HEARTBEAT_SECONDS", 0.05)
+    time.sleep(0.1)
+    assert recover(study, spec) == [orphan.number]
+    assert study.trials[orphan.number].state == TrialState.FAIL
+    assert study.trials[-1].user_attrs["retry_of"] == orphan.number
+    assert study.trials[bare.number].state == TrialState.RUNNING
+
+
 def _dead_pid() -> int:
     """The pid of a process that has exited."""
     import subprocess

@@ -261,8 +261,14 @@ def pid_alive(pid: int) -> bool:
 
 
 def is_stale(trial: optuna.trial.FrozenTrial, now: Optional[float] = None) -> bool:
-    """A RUNNING trial whose worker is gone: its pid is dead on this host, or its heartbeat
-    (or, before the first beat, its start) is older than STALE_SECONDS."""
+    """A RUNNING trial whose worker is gone: its pid is dead on this host, or its heartbeat is
+    older than STALE_SECONDS.
+
+    A claimed trial (artifact directory set) without a heartbeat file was orphaned between the
+    ask and the first beat (``lifecycle.claim`` writes both within milliseconds, under the study
+    lock), e.g. by a driver killed exactly then: stale once HEARTBEAT_SECONDS have passed since
+    its start.  Waiting STALE_SECONDS instead let a resumed run count it as running elsewhere
+    and stop one trial short.  An unclaimed trial without a heartbeat: STALE_SECONDS."""
     now = time.time() if now is None else now
     art = trial.user_attrs.get("artifact_dir")
     hb = heartbeat_path(Path(art)) if art else None
@@ -275,7 +281,7 @@ def is_stale(trial: optuna.trial.FrozenTrial, now: Optional[float] = None) -> bo
             return True
         return now - float(info["time"]) > STALE_SECONDS
     started = trial.datetime_start.timestamp() if trial.datetime_start else now
-    return now - started > STALE_SECONDS
+    return now - started > (HEARTBEAT_SECONDS if hb is not None else STALE_SECONDS)
 
 
 def retry_trial(study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -> bool:
