@@ -141,6 +141,7 @@ def read_mnist_images(images: Path, labels: Path | None = None) -> torch.Tensor:
 _POINT_ELSEWHERE = "set data.data_dir to their folder (mdmsearch train: --data-dir)"
 _ENABLE_DOWNLOAD = "enable the download (data.download: true; mdmsearch train: --download)"
 
+
 def _download_mnist(root: Path) -> None:
     """torchvision download into ``root/MNIST/raw``; every failure -> one-line error."""
     import torchvision.datasets

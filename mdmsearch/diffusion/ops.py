@@ -120,7 +120,8 @@ def _taylor_scaled(block: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     with M^0..M^24 formed once (M^(5j + i) = (M^5)^j M^i: eight unbatched products) and the
     batch as one [N, 25] x [25, m^2] product.  The same polynomial as :func:`_taylor`, and
     with structurally zero entries of M^k exactly zero it keeps the relative precision of
-    entries that are tiny at small h.  Its autograd graph is a dozen small nodes.
+    entries that are tiny at small h.  Its autograd graph is ~20 small unbatched nodes,
+    where Paterson-Stockmeyer on the scaled batch recorded ~25 batched ones.
     """
     m = block.shape[-1]
     eye = torch.eye(m, dtype=block.dtype, device=block.device)
@@ -181,8 +182,9 @@ def phi_and_noise_cov(a: torch.Tensor, d: torch.Tensor, big_b: torch.Tensor) -> 
     no precision is lost at any t.  Returns ([N, n, n], [N, n, n]).
 
     The Taylor core shares the powers of the block across the batch (:func:`_taylor_scaled`)
-    and the doublings have a hand-written backward pass (:class:`_Doublings`): a learned
-    process's kernel is ~20 autograd nodes instead of ~60.
+    and the doublings have a hand-written backward pass (:class:`_Doublings`): one node for
+    all doublings instead of ~4 per doubling.  Measured with the Cholesky and R of a training
+    step (learned K = 3, batch 64, CPU): forward + backward 1.95 -> 1.75 ms.
     """
     n = a.shape[-1]
     block = _van_loan_block(a, d)  # [2n, 2n]
