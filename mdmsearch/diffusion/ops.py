@@ -154,19 +154,14 @@ class _Doublings(torch.autograd.Function):
         return phi, s
 
     @staticmethod
-    def backward(ctx, g_phi, g_s):
+    def backward(ctx, g_phi, g_s):  # (an unused output's gradient arrives as zeros, not None)
         saved = ctx.saved_tensors
         for k in range(len(saved) - 2, -1, -2):
             phi, s = saved[k], saved[k + 1]  # [N, n, n] each, before doubling k / 2
             phi_t = phi.transpose(-1, -2)
-            g_p = None
-            if g_s is not None:
-                g_p = torch.bmm(torch.bmm(g_s + g_s.transpose(-1, -2), phi), s)
-            if g_phi is not None:
-                g_pp = torch.baddbmm(torch.bmm(g_phi, phi_t), phi_t, g_phi)  # G_P' P^T + P^T G_P'
-                g_p = g_pp if g_p is None else g_p + g_pp
-            if g_s is not None:
-                g_s = torch.baddbmm(g_s, torch.bmm(phi_t, g_s), phi)
+            g_p = torch.bmm(torch.bmm(g_s + g_s.transpose(-1, -2), phi), s)  # from S'
+            g_p = g_p + torch.baddbmm(torch.bmm(g_phi, phi_t), phi_t, g_phi)  # G_P' P^T + P^T G_P'
+            g_s = torch.baddbmm(g_s, torch.bmm(phi_t, g_s), phi)
             g_phi = g_p
         return g_phi, g_s, None
 
