@@ -22,7 +22,7 @@ def _labels(n: int) -> list[str]:
 
 
 def plot_qd(q: Sequence, d: Sequence, path: str | Path, title: str = "") -> Path:
-    """Annotated heatmaps of Q and D side by side, with eigenvalues of A = -(Q + D) (S_inf = I)
+    """Annotated heatmaps of Q and D side by side on one colour scale, with eigenvalues of A = -(Q + D) (S_inf = I)
     and of D in the panel titles."""
     plt = _plt()
     q, d = np.asarray(q, dtype=float), np.asarray(d, dtype=float)
@@ -30,12 +30,16 @@ def plot_qd(q: Sequence, d: Sequence, path: str | Path, title: str = "") -> Path
     fig, axes = plt.subplots(1, 2, figsize=(2.2 * n + 3, 1.6 * n + 1.6))
     eig_a = np.linalg.eigvals(-(q + d))
     eig_d = np.linalg.eigvalsh(d)
+    # one colour scale for both panels, so that Q and D entries compare by colour (and an all-zero
+    # matrix, e.g. VPSDE's Q, gets a readable scale rather than one of +-1e-12)
+    lim = float(max(np.abs(q).max(), np.abs(d).max())) or 1.0
     for ax, mat, name, eigs in ((axes[0], q, "Q", eig_a), (axes[1], d, "D", eig_d)):
-        lim = max(1e-12, float(np.abs(mat).max()))
         im = ax.imshow(mat, cmap="RdBu_r", vmin=-lim, vmax=lim)
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=9)
+                dark = abs(mat[i, j]) > 0.6 * lim  # light text on the saturated ends of the map
+                ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                        color="white" if dark else "black")
         ax.set_xticks(range(n), _labels(n))
         ax.set_yticks(range(n), _labels(n))
         what = "eig(A)" if name == "Q" else "eig(D)"
