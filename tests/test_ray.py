@@ -316,6 +316,15 @@ def test_without_ray_the_executor_says_how_to_install_it(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------- the driver's searcher
+@pytest.fixture(autouse=True)
+def _driver_beats_end_with_the_test():
+    yield
+    if HAVE_RAY:
+        from mdmsearch.search.ray_executor import HELD
+
+        HELD.release_all()
+
+
 def _searcher(tmp_path, **over):
     from mdmsearch.search.lifecycle import Deadline
     from mdmsearch.search.ray_executor import StudySearcher, absolute_spec
@@ -350,6 +359,37 @@ def test_the_searcher_claims_trials_until_the_stop_rule(tmp_path):
     assert count_trials(study)["running"] == 3
     clone = pickle.loads(pickle.dumps(searcher))  # Tune pickles its search algorithm
     assert clone.suggest("t9") == Searcher.FINISHED
+
+
+@needs_ray
+def test_a_claimed_trial_waiting_for_resources_is_not_taken_for_dead(tmp_path, monkeypatch):
+    """A Tune trial can wait PENDING for minutes on a busy cluster: the driver beats for its claim
+    until Tune starts it, so another executor's recover() does not fail and re-queue it."""
+    from ray.tune.experiment import Trial
+
+    from mdmsearch.search import study as study_mod
+    from mdmsearch.search.lifecycle import claim
+    from mdmsearch.search.ray_executor import HELD, OutcomeLog
+    from mdmsearch.search.study import is_stale, study_lock
+
+    monkeypatch.setattr(study_mod, "HEARTBEAT_SECONDS", 0.05)
+    monkeypatch.setattr(study_mod, "STALE_SECONDS", 0.5)
+    spec, searcher = _searcher(tmp_path, n_trials=5)
+    pending = searcher.suggest("t0")["mdm_number"]
+    study = _study(tmp_path / "studies", "tiny-ray")
+    with study_lock(spec):
+        orphan = claim(study, spec).number  # claimed, then nobody beats for it
+
+    def stale(number):
+        return is_stale(study.get_trials(deepcopy=False)[number])
+
+    time.sleep(1.0)  # twice STALE_SECONDS
+    assert pending in HELD and not stale(pending)
+    assert stale(orphan)
+    OutcomeLog().on_trial_start(0, [], Trial("mdm", config={"mdm_number": pending}, stub=True))
+    assert pending not in HELD  # its worker beats from here on; without one it goes stale
+    time.sleep(1.0)
+    assert stale(pending)
 
 
 @needs_ray

@@ -29,11 +29,11 @@ import optuna
 
 from ..errors import MDMError
 from . import adapters
-from .lifecycle import Deadline, claim, recover
+from .lifecycle import Deadline, artifact_dir, claim, recover
 from .space import finite_size
 from .spec import SearchSpec
-from .study import (count_trials, make_storage, open_study, record_run, stop_reason, storage_url, study_lock,
-                    tried_configs)
+from .study import (HeldClaims, count_trials, make_storage, open_study, record_run, stop_reason, storage_url,
+                    study_lock, tried_configs)
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,9 @@ RAY_HINT = 'the Ray executor needs Ray: pip install -e ".[ray]"'
 EXPERIMENT_PREFIX = "run-"
 METRIC = "val_bpd"
 MAX_ROUNDS = 100
+# the driver's beats for claimed trials that have not started (one driver per process; module-level
+# because Tune may pickle the searcher, and its trial-start callback must reach the same beats)
+HELD = HeldClaims()
 
 try:  # Ray is optional: run_ray() says how to install it
     from ray.tune import Callback
@@ -112,7 +115,8 @@ class StudySearcher(Searcher):
             if reason is not None:
                 log.info("no new trials: %s", reason)
                 return Searcher.FINISHED
-            trial = claim(self._study, self.spec)  # a heartbeat of this driver until the trial starts
+            trial = claim(self._study, self.spec)
+        HELD.hold(artifact_dir(self.spec, trial), trial.number)  # the driver beats until the trial starts
         return {"mdm_number": trial.number, "mdm_trial_id": adapters.trial_id(trial)}
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
@@ -121,11 +125,22 @@ class StudySearcher(Searcher):
 
 
 class OutcomeLog(Callback):
-    """One log line per finished trial on the driver, as the local workers write."""
+    """On the driver: one log line per finished trial, as the local workers write; and the end
+    of the driver's heartbeat for a claimed trial once Tune starts it (its worker beats from
+    then on) or ends it without a start."""
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        HELD.release(int(trial.config["mdm_number"]))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("mdm_outcome"):
             log.info("%s", result["mdm_outcome"])
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        HELD.release(int(trial.config["mdm_number"]))
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        HELD.release(int(trial.config["mdm_number"]))
 
 
 def trial_dirname(trial) -> str:
@@ -207,6 +222,7 @@ def run_ray(spec: SearchSpec, address: Optional[str] = None, allow_spec_change: 
         try:
             _fit(spec, study, size, Deadline(spec.time_budget_s))
         finally:
+            HELD.release_all()  # trials claimed but never started: recovered by the next run
             if started:
                 ray.shutdown()
     counts = count_trials(study)

@@ -250,6 +250,46 @@ class Heartbeat:
         self._thread.join(timeout=2 * HEARTBEAT_SECONDS)
 
 
+class HeldClaims:
+    """Heartbeats a Ray driver keeps for the trials it claimed until each one starts.
+
+    A claimed Tune trial can wait PENDING for minutes on a busy cluster.  With only the beat of
+    ``claim``, it looked stale after STALE_SECONDS to any other executor of the study (a local
+    run, another driver), which failed and re-queued it: trained twice, and the Ray run stopped
+    on the tell of a trial failed meanwhile.  The driver beats for it instead, until the trial's
+    own worker takes over (``release`` on Tune's trial start) or the driver ends."""
+
+    def __init__(self):
+        self._beats: dict[int, Heartbeat] = {}
+        self._lock = threading.Lock()
+
+    def hold(self, artifact_dir: Path, trial_number: int) -> None:
+        beat = Heartbeat(artifact_dir, trial_number)
+        with self._lock:
+            previous = self._beats.pop(trial_number, None)
+            self._beats[trial_number] = beat
+        if previous is not None:
+            previous.__exit__(None, None, None)
+        beat.__enter__()
+
+    def release(self, trial_number: int) -> None:
+        """Stop beating for one trial (its heartbeat file stays for its worker to take over)."""
+        with self._lock:
+            beat = self._beats.pop(trial_number, None)
+        if beat is not None:
+            beat.__exit__(None, None, None)
+
+    def release_all(self) -> None:
+        with self._lock:
+            numbers = list(self._beats)
+        for number in numbers:
+            self.release(number)
+
+    def __contains__(self, trial_number: int) -> bool:
+        with self._lock:
+            return trial_number in self._beats
+
+
 def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
