@@ -22,8 +22,8 @@ def _labels(n: int) -> list[str]:
 
 
 def plot_qd(q: Sequence, d: Sequence, path: str | Path, title: str = "") -> Path:
-    """Annotated heatmaps of Q and D side by side on one colour scale, with eigenvalues of A = -(Q + D) (S_inf = I)
-    and of D in the panel titles."""
+    """Annotated heatmaps of Q and D side by side on one colour scale, with eigenvalues of
+    A = -(Q + D) (S_inf = I) and of D in the panel titles."""
     plt = _plt()
     q, d = np.asarray(q, dtype=float), np.asarray(d, dtype=float)
     n = q.shape[0]

@@ -238,16 +238,22 @@ class Heartbeat:
             except OSError as exc:  # a full disk must not kill training; the next beat retries
                 log.warning("heartbeat write failed: %s", exc)
 
-    def __enter__(self):
+    def start(self) -> "Heartbeat":
         self.beat()
         self._thread.start()
         return self
 
-    def __exit__(self, *exc):
+    def stop(self) -> None:
         # the file stays until the trial is told (worker_loop removes it then): a worker killed
         # between the leaderboard write and the tell is detected by its dead pid
         self._stop.set()
         self._thread.join(timeout=2 * HEARTBEAT_SECONDS)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
 
 
 class HeldClaims:
@@ -264,20 +270,16 @@ class HeldClaims:
         self._lock = threading.Lock()
 
     def hold(self, artifact_dir: Path, trial_number: int) -> None:
-        beat = Heartbeat(artifact_dir, trial_number)
+        beat = Heartbeat(artifact_dir, trial_number).start()
         with self._lock:
-            previous = self._beats.pop(trial_number, None)
             self._beats[trial_number] = beat
-        if previous is not None:
-            previous.__exit__(None, None, None)
-        beat.__enter__()
 
     def release(self, trial_number: int) -> None:
         """Stop beating for one trial (its heartbeat file stays for its worker to take over)."""
         with self._lock:
             beat = self._beats.pop(trial_number, None)
         if beat is not None:
-            beat.__exit__(None, None, None)
+            beat.stop()
 
     def release_all(self) -> None:
         with self._lock:
