@@ -219,7 +219,8 @@ def apply(copy: Path, m: Mutation) -> None:
 def run_tests(copy: Path, tests: list[str], timeout: float) -> tuple[int, str, float]:
     env = {**os.environ, "PYTHONPATH": str(copy), "OMP_NUM_THREADS": "1", "MPLBACKEND": "Agg",
            "RAY_AUTH_MODE": "disabled", "RAY_TMPDIR": os.environ.get("RAY_TMPDIR", "/tmp/ray-mutation")}
-    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-p", "no:cacheprovider", *tests]
+    # one process (-n 0): under pytest-xdist a -x stop exits 2 ("interrupted"), not 1 (failed)
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-rf", "-n", "0", "-p", "no:cacheprovider", *tests]
     t0 = time.perf_counter()
     try:
         res = subprocess.run(cmd, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
