@@ -142,6 +142,13 @@ MUTATIONS = [
         "            try:\n                pass\n",
         ["tests/test_search.py", "-k", "heartbeat"],
     ),
+    Mutation(
+        "pending-ray-claim-not-held", "the Ray driver does not beat for a claimed trial waiting to start",
+        "mdmsearch/search/ray_executor.py",
+        "        HELD.hold(artifact_dir(self.spec, trial), trial.number)",
+        "        pass  #",
+        ["tests/test_ray.py", "-k", "waiting_for_resources"],
+    ),
     # -------------------------------------------------------------- more of the same kind
     Mutation(
         "div-drift-sign-flipped", "the divergence of the drift enters the integrand with the wrong sign",
@@ -159,10 +166,10 @@ MUTATIONS = [
     ),
     Mutation(
         "resume-history-not-replayed", "a resumed trial does not replay its learning curve to the pruner",
-        "mdmsearch/search/runner.py",
-        "                    trial.report(h[\"val_bpd\"], h[\"step\"])",
+        "mdmsearch/training/trainer.py",  # (Trainer.run(replay=True), which the search's executors call)
+        "                    self.callback(int(row[\"step\"]), dict(row))",
         "                    pass",
-        ["tests/test_search.py", "-m", "slow", "-k", "sigkill"],  # (a slow test: selected explicitly)
+        ["tests/test_training.py", "-k", "run_result"],
     ),
     # -------------------------------------------------------------- the Gaussian residual (issue 11)
     Mutation(
