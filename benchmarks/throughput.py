@@ -21,6 +21,7 @@ from _common import md_table, timeit_pair, write
 from mdmsearch.config import parse_run_config
 from mdmsearch.data import DataBundle
 from mdmsearch.training import Trainer
+from mdmsearch.training.trainer import make_optimizer
 
 PROCESSES = [("vpsde", {"name": "vpsde"}), ("cld", {"name": "cld"}), ("malda", {"name": "malda"}),
              ("learned K=1", {"name": "learned", "n_aux": 1}), ("learned K=2", {"name": "learned", "n_aux": 2}),
@@ -44,7 +45,7 @@ def measure(size: str, proc: dict, repeats: int, device: str, parameterization: 
     tr = Trainer(cfg, "/tmp/mdmsearch-bench", data=fake_bundle(shape, levels))
     z = torch.randn(batch, tr.process.n, *shape, device=tr.device)
     t = torch.rand(batch, device=tr.device)
-    opt = torch.optim.Adam(tr.net.parameters(), lr=1e-4, foreach=True)  # as the trainer builds it
+    opt = make_optimizer([{"params": list(tr.net.parameters()), "lr": 1e-4}], 0.0, tr.device)  # the trainer's
 
     def net_only():
         opt.zero_grad(set_to_none=True)
