@@ -135,16 +135,17 @@ def test_fused_adam_on_cpu_and_checkpoints_of_the_earlier_foreach_optimizer_resu
     """The trainer steps with fused Adam where the device has it (CPU here), over the network and
     the process groups alike; a checkpoint written by the earlier multi-tensor optimizer (studies
     in flight across an upgrade) still resumes and trains."""
-    cfg = _cfg({"name": "learned", "n_aux": 1}, dataset="moons", steps=4, optim={"batch_size": 16},
-               train={"eval_every": 2, "eval_examples": 16, "test_n_t": 1})
-    tr = Trainer(cfg, tmp_path)
+    def cfg(steps):
+        return _cfg({"name": "learned", "n_aux": 1}, dataset="moons", steps=steps, optim={"batch_size": 16},
+                    train={"eval_every": 2, "eval_examples": 16, "test_n_t": 1})
+
+    tr = Trainer(cfg(2), tmp_path)
     assert len(tr.optimizer.param_groups) == 2 and all(g["fused"] for g in tr.optimizer.param_groups)
     groups = [{k: g[k] for k in ("params", "lr", "weight_decay")} for g in tr.optimizer.param_groups]
     tr.optimizer = torch.optim.Adam(groups, foreach=True)  # as earlier versions built it
     tr.scheduler = torch.optim.lr_scheduler.LambdaLR(tr.optimizer, lambda step: 1.0)
-    tr.config = tr.config.model_copy(update={"train": tr.config.train.model_copy(update={"steps": 2})})
     tr.fit()
-    resumed = Trainer(cfg, tmp_path)
+    resumed = Trainer(cfg(4), tmp_path)
     assert resumed.try_resume() and resumed.step == 2
     assert math.isfinite(resumed.train_step()) and resumed.step == 3
 
