@@ -302,9 +302,11 @@ def test_mnist_missing_without_download(monkeypatch, tmp_path):
         (b"\x08\x03\x00\x00" + b"\x00" * 20, "magic"),  # wrong magic number
         (_idx_bytes(np.zeros((4, 28, 28), np.uint8))[:-10], "payload"),  # truncated
         (_idx_bytes(np.zeros((4,), np.uint8)), "dimensions"),  # labels where images belong
-        (gzip.compress(_idx_bytes(np.zeros((2, 28, 28), np.uint8)))[:-12], "gzip"),  # cut gzip
+        (gzip.compress(_idx_bytes(np.zeros((2, 28, 28), np.uint8)), mtime=0)[:-12], "gzip"),  # cut gzip
         (b"", "magic"),
     ],
+    # (named ids: test ids must be the same in every pytest-xdist worker, and readable)
+    ids=["wrong-magic", "truncated", "labels-as-images", "cut-gzip", "empty"],
 )
 def test_corrupted_idx_file(tmp_path, payload, match):
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(payload)
