@@ -130,17 +130,22 @@ class OutcomeLog(Callback):
     then on) or ends it without a start."""
 
     def on_trial_start(self, iteration, trials, trial, **info):
-        HELD.release(int(trial.config["mdm_number"]))
+        _release(trial)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         if result.get("mdm_outcome"):
             log.info("%s", result["mdm_outcome"])
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        HELD.release(int(trial.config["mdm_number"]))
+        _release(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        HELD.release(int(trial.config["mdm_number"]))
+        _release(trial)
+
+
+def _release(trial) -> None:
+    """The driver stops beating for the Optuna trial a Tune trial runs."""
+    HELD.release(int(trial.config["mdm_number"]))
 
 
 def trial_dirname(trial) -> str:
