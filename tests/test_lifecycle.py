@@ -140,3 +140,53 @@ def test_checkpoint_step_reads_the_step_or_none(tmp_path):
     assert checkpoint_step(path) == 7
     path.write_bytes(path.read_bytes()[:40])  # cut short
     assert checkpoint_step(path) is None
+
+
+def test_a_row_without_the_final_attribute_still_decides_the_trial(spec):
+    """A worker killed between writing its row and recording the outcome on the trial: the row
+    decides it (told from the row, attributes set), so no orphan row and no retraining."""
+    from mdmsearch.leaderboard import write_trial
+    from mdmsearch.search.lifecycle import recover
+    from mdmsearch.search.study import FINAL_ATTR
+
+    study = optuna.create_study()
+    trial = claim(study, spec)
+    _mark_dead(spec, trial)
+    write_trial(spec.leaderboard_root, spec.data.name, spec.study,
+                {"trial": trial.number, "state": "PRUNED", "reason": "pruned at step 10", "steps": 10})
+    assert recover(study, spec) == []
+    frozen = study.trials[trial.number]
+    assert frozen.state == TrialState.PRUNED and len(study.trials) == 1
+    assert frozen.user_attrs[FINAL_ATTR] and frozen.user_attrs["outcome"] == "PRUNED"
+    assert frozen.user_attrs["reason"] == "pruned at step 10" and frozen.user_attrs["steps"] == 10
+
+
+@pytest.mark.parametrize("damage", ["unreadable", "older than the trial"])
+def test_a_row_that_is_not_the_trials_is_set_aside_and_the_trial_retried(spec, damage):
+    """A damaged row file, or one left by an earlier study of the same name, cannot outlive the
+    retry as an orphan: it is moved aside (kept for inspection) and the trial re-queued."""
+    from datetime import datetime, timedelta, timezone
+
+    from mdmsearch.leaderboard import write_trial
+    from mdmsearch.search.lifecycle import recover
+
+    study = optuna.create_study()
+    trial = claim(study, spec)
+    _mark_dead(spec, trial)
+    path = row_path(spec, trial.number)
+    if damage == "unreadable":
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"PAR1 torn")
+    else:
+        write_trial(spec.leaderboard_root, spec.data.name, spec.study,
+                    {"trial": trial.number, "state": "COMPLETE", "val_bpd": 1.0,
+                     "started_at": datetime.now(timezone.utc) - timedelta(days=3)})
+    assert recover(study, spec) == [trial.number]
+    assert study.trials[trial.number].state == TrialState.FAIL and study.trials[-1].state == TrialState.WAITING
+    assert not path.exists() and len(list(path.parent.glob(f"{path.name}.corrupt-*"))) == 1
+
+
+def _mark_dead(spec, trial) -> None:
+    """Make ``trial``'s heartbeat name a process that has exited (its worker died)."""
+    hb = artifact_dir(spec, trial) / "heartbeat.json"
+    hb.write_text(json.dumps({**json.loads(hb.read_text()), "pid": _dead_pid()}))

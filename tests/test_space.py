@@ -169,6 +169,21 @@ def test_local_pruner_never_prunes_a_baseline():
     assert study.trials[baseline.number].intermediate_values == {10: 9.0}
 
 
+def test_no_trial_is_pruned_at_its_last_step():
+    """At the last step the budget is spent: the evaluation is reported (the pruner's yardstick
+    for later trials) but the trial completes.  A trial told PRUNED had run all its steps."""
+    study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    good = study.ask()
+    good.report(1.0, 20)
+    good.report(1.0, 30)
+    study.tell(good, 1.0)
+    late = study.ask()
+    _optuna_reporter(late, last_step=30)(30, {"val_bpd": 9.0})  # worse than the median, but done
+    assert study.trials[late.number].intermediate_values == {30: 9.0}
+    with pytest.raises(StopTraining, match="pruned at step 20"):
+        _optuna_reporter(study.ask(), last_step=30)(20, {"val_bpd": 9.0})
+
+
 def test_a_known_invalid_structure_is_answered_not_counted(tmp_path):
     """A structure already rejected as INVALID is answered as a duplicate of that trial, whatever
     its hyperparameters (it cannot train): it costs no budget; invalid trials are told to

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from datetime import timedelta, timezone
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -23,8 +24,9 @@ import optuna
 from optuna.trial import TrialState
 
 from ..leaderboard import trial_path
+from . import adapters
 from .spec import SearchSpec
-from .study import FINAL_ATTR, Heartbeat, Outcome, heartbeat_path, is_stale, retry_trial
+from .study import FINAL_ATTR, OUTCOME_ATTR, Heartbeat, Outcome, heartbeat_path, is_stale, retry_trial
 
 log = logging.getLogger(__name__)
 
@@ -79,29 +81,65 @@ def release(spec: SearchSpec, trial) -> None:
     heartbeat_path(artifact_dir(spec, trial)).unlink(missing_ok=True)
 
 
-def settle(study: optuna.Study, spec: SearchSpec, trial: optuna.trial.FrozenTrial) -> Optional[str]:
-    """Tell the study the outcome of a trial whose worker wrote its leaderboard row (FINAL set)
-    and died before telling.  Returns the state told, or None when there is no readable row."""
+ROW_ATTRS = ("reason", "test_bpd", "steps", "duplicate_of")  # what a trial's end records from its row
+
+
+def read_row(spec: SearchSpec, trial: optuna.trial.FrozenTrial) -> Optional[dict]:
+    """The leaderboard row trial ``trial`` wrote, or None: no file, or one that is not this
+    trial's.  An unreadable file (damaged at rest) or a row older than the trial (left by an
+    earlier study of the same name) is set aside, so that it cannot outlive the retry."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from ..training.checkpoint import set_aside
+
     path = row_path(spec, trial.number)
-    if not trial.user_attrs.get(FINAL_ATTR) or not path.exists():
+    if not path.exists():
         return None
     try:
         row = pq.read_table(path).to_pylist()[0]
-    except (pa.ArrowException, OSError, IndexError) as exc:  # damaged at rest: retried like a missing row
-        log.warning("trial %d: unreadable leaderboard row %s (%s); the trial is retried", trial.number, path, exc)
+    except (pa.ArrowException, OSError, IndexError) as exc:
+        set_aside(path, f"unreadable leaderboard row: {exc}")
+        return None
+    started = trial.datetime_start.astimezone(timezone.utc) if trial.datetime_start else None  # (Optuna's: local, naive)
+    if started is not None and row.get("started_at") is not None and row["started_at"] < started - ROW_CLOCK_SLACK:
+        set_aside(path, f"a row from {row['started_at']}, before trial {trial.number} started ({started})")
+        return None
+    return row
+
+
+ROW_CLOCK_SLACK = timedelta(minutes=5)  # clocks of the claiming driver and a Ray node may differ this much
+
+
+def settle(study: optuna.Study, spec: SearchSpec, trial: optuna.trial.FrozenTrial) -> Optional[str]:
+    """Tell the study the outcome of a RUNNING trial whose worker wrote its leaderboard row and
+    died before telling.  Returns the state told, or None when there is no row of this trial.
+
+    The row is the first of a trial's end writes (see :mod:`~mdmsearch.search.failpoints`) and
+    is written atomically: once it exists, the trial's outcome is decided, whether or not the
+    worker lived to record that on the trial.  The outcome attributes are set from the row,
+    then the state is told, so the row and the study agree whatever the moment of death."""
+    row = read_row(spec, trial)
+    if row is None:
         return None
     values = None
     if row.get("val_bpd") is not None:
         values = [row["val_bpd"]]
         if spec.objective.second is not None:
             values.append(float(row.get(spec.objective.second) or math.nan))
+    tid = adapters.trial_id(trial)
     try:
+        for key in ROW_ATTRS:
+            if row.get(key) is not None:
+                adapters.set_trial_attr(study, tid, key, row[key])
+        adapters.set_trial_attr(study, tid, OUTCOME_ATTR, row["state"])
+        adapters.set_trial_attr(study, tid, FINAL_ATTR, True)
         tell(study, trial.number, row["state"], values)
     except (RuntimeError, ValueError) as exc:  # told meanwhile
         log.debug("trial %d: %s", trial.number, exc)
+    else:
+        log.warning("trial %d: its worker died after writing its leaderboard row: told %s from the row",
+                    trial.number, row["state"])
     return row["state"]
 
 
@@ -131,5 +169,5 @@ class Deadline:
         return self.at is not None and time.time() >= self.at
 
 
-__all__ = ["ARTIFACT_ATTR", "Deadline", "Outcome", "artifact_dir", "claim", "recover", "release", "row_path", "settle",
+__all__ = ["ARTIFACT_ATTR", "Deadline", "Outcome", "artifact_dir", "claim", "recover", "release", "read_row", "row_path", "settle",
            "tell"]

@@ -22,6 +22,7 @@ from ..errors import MDMError
 from ..leaderboard import mask_json, write_curve, write_trial
 from ..training import StopTraining, Trainer
 from ..training.checkpoint import atomic_write_json
+from .failpoints import TrialEnd, failpoint
 from .plan import TrialPlan, suggest_plan
 from .spec import SearchSpec
 from .lifecycle import ARTIFACT_ATTR, Deadline, Outcome, artifact_dir, claim, recover, release, tell
@@ -142,10 +143,12 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
         except OSError as exc:  # full disk: the study still learns the outcome; the row can be rebuilt
             log.warning("trial %d: leaderboard row not written (%s); once there is space, "
                         "`mdmsearch rebuild %s` writes it", number, exc, spec.study)
+        failpoint(TrialEnd.ROW_WRITTEN)  # (a death from here on is told from the row by recover())
         trial.set_user_attr(OUTCOME_ATTR, state.value)
         trial.set_user_attr(FINAL_ATTR, True)
         if reason:
             trial.set_user_attr("reason", reason)
+        failpoint(TrialEnd.DECIDED)
         return TrialOutcome(state, values, row)
 
     check = plan.check(spec)
@@ -177,7 +180,7 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
                         duplicate_of=twin.number)
 
     config = plan.run_config(spec)
-    reporter = report or _optuna_reporter(trial, prunable=not plan.baseline)
+    reporter = report or _optuna_reporter(trial, prunable=not plan.baseline, last_step=config.train.steps)
     trainer = None
     try:
         atomic_write_json(art_dir / "plan.json", {"plan": plan.__dict__, "trial": number})
@@ -216,13 +219,17 @@ def _write_curve(spec: SearchSpec, number: int, history: list[dict]) -> None:
         log.warning("trial %d: learning curve not written (%s)", number, exc)
 
 
-def _optuna_reporter(trial, prunable: bool = True):
+def _optuna_reporter(trial, prunable: bool = True, last_step: Optional[int] = None):
     """Intermediate values to Optuna's pruner.  Baselines report (their curves are the pruner's
-    yardstick) but are never pruned: every executor completes them."""
+    yardstick) but are never pruned: every executor completes them.  Nor is any trial pruned at
+    its ``last_step``: its budget is spent, so it completes (the evaluation there is reported,
+    for the pruner's comparisons with later trials)."""
     def report(step: int, metrics: dict) -> None:
         if len(getattr(trial.study, "directions", [None])) > 1:
             return  # Optuna cannot prune multi-objective trials
         trial.report(metrics["val_bpd"], step)
+        if last_step is not None and step >= last_step:
+            return
         if prunable and trial.should_prune():
             raise StopTraining(f"pruned at step {step}")
 
@@ -244,7 +251,9 @@ def run_claimed(study: optuna.Study, spec: SearchSpec, trial, executor: str) -> 
         study.tell(trial, state=TrialState.FAIL)  # not counted, not retried
         raise
     tell_outcome(study, trial, outcome)
+    failpoint(TrialEnd.TOLD)
     release(spec, trial)
+    failpoint(TrialEnd.RELEASED)
     return outcome
 
 
