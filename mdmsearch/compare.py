@@ -1,17 +1,21 @@
-"""Paired comparisons of finished runs: differences in BPD with a standard error that means
-something, and a verdict.
+"""Comparisons of finished runs, of two kinds that are never mixed up.
 
-Every run evaluates the same held-out examples (validation and test splits of one data
-configuration) with the same evaluation seed, i.e. the same dequantization noise and time
-strata (common random numbers; ``training.evaluate.evaluate_bpd``), and writes its
-per-example BPDs to ``per_example.parquet``.  Two configurations are compared example by
-example: their difference has a much smaller variance than either BPD, so a real 0.01 bpd
-gap is told apart from evaluation noise.
+* A **model** comparison (:func:`paired`, :class:`Comparison`): one trained run each, paired by
+  held-out example.  Every run evaluates the same examples with the same evaluation seed
+  (common random numbers; ``training.evaluate.evaluate_bpd``), so the difference has a small
+  *evaluation* standard error, std(diff_i) / sqrt(n_examples).  It says "this checkpoint is
+  better on these examples"; it knows nothing of training noise.
+* A **structure** comparison (:func:`compare_structures`, :class:`StructureComparison`): two
+  configurations, each trained with >= 2 distinct seeds.  A seed shifts a whole run's BPD by
+  several times the evaluation SE, so the unit of replication is the seed: each run is reduced
+  to its mean held-out BPD, and the difference of the configurations' means gets a t test over
+  seeds (paired by seed when both ran the same seeds, else Welch's), with the t distribution's
+  few degrees of freedom.  It also gives the probability of outperforming, P(A < B) over seeds.
+  With one seed on either side it is "not decided": a one-seed "better" says nothing about a
+  structure.  Derivation and calibration: docs/comparisons.md.
 
 Replicates are distinct training seeds only: a seed that ran twice (e.g. in two studies)
-counts once.  A configuration's per-example BPD is the mean over its seeds; the paired SE
-is the evaluation noise of that mean difference, std(diff_i) / sqrt(n_examples).  The spread
-over seeds (training noise) is reported separately, as the ``std`` of the leaderboard.
+counts once.
 """
 
 from __future__ import annotations
@@ -23,17 +27,23 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 import numpy as np
+from scipy import stats
 
 log = logging.getLogger(__name__)
 
 PER_EXAMPLE_FILE = "per_example.parquet"
 SPLITS = ("val", "test")
 TIE = "tie within noise"
+NOT_DECIDED = "not decided"
+ALPHA = 0.05  # two-sided level of the structure verdict's t test
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """a minus b in bits per dimension (negative: a is better)."""
+    """A model comparison: a minus b in bits per dimension (negative: a is better), paired by
+    example; ``se`` is evaluation noise only."""
+
+    kind = "model"
 
     diff: float
     se: float
@@ -45,6 +55,9 @@ class Comparison:
 
     def describe(self) -> str:
         return f"{self.diff:+.4f} ± {self.se:.4f} bpd (paired SE, {self.n} examples): {self.verdict}"
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "diff": self.diff, "se": self.se, "n_examples": self.n, "verdict": self.verdict}
 
 
 def verdict(diff: float, se: float) -> str:
@@ -94,3 +107,130 @@ def distinct_seeds(df, order_by: str = "trial"):
     if df.empty or "seed" not in df.columns:
         return df
     return df.sort_values(order_by).drop_duplicates(subset=["group", "seed"], keep="first")
+
+
+# ---------------------------------------------------------------------- structure comparisons
+@dataclass(frozen=True)
+class StructureComparison:
+    """A structure comparison: configuration A minus configuration B, mean held-out BPD over
+    seeds (negative: A is better).  ``se`` includes the spread over seeds; ``df`` is the t
+    distribution's degrees of freedom (NaN: not decided); ``p_better`` is P(A < B) over seeds."""
+
+    kind = "structure"
+
+    diff: float
+    se: float
+    df: float
+    n_a: int
+    n_b: int
+    p_better: float
+    paired_by_seed: bool
+    n_examples: int
+
+    @property
+    def n_seeds(self) -> int:
+        """Seeds behind the weaker side (what decides how much the verdict can say)."""
+        return min(self.n_a, self.n_b)
+
+    @property
+    def decided(self) -> bool:
+        return math.isfinite(self.se) and math.isfinite(self.df)
+
+    @property
+    def threshold(self) -> float:
+        """The margin |diff| must exceed: t_{1 - alpha/2, df} standard errors."""
+        return float(stats.t.ppf(1 - ALPHA / 2, self.df)) * self.se if self.decided else math.nan
+
+    @property
+    def verdict(self) -> str:
+        """'better', 'worse', 'tie within noise', or 'not decided (1 seed)'."""
+        if not self.decided:
+            return f"{NOT_DECIDED} ({self.n_seeds} seed{'s' if self.n_seeds != 1 else ''})"
+        if not math.isfinite(self.diff) or abs(self.diff) <= self.threshold:
+            return TIE
+        return "better" if self.diff < 0 else "worse"
+
+    def seeds_text(self) -> str:
+        how = "paired by seed" if self.paired_by_seed else "unpaired"
+        return f"{self.n_a} vs {self.n_b} seeds, {how}"
+
+    def describe(self) -> str:
+        se = f" ± {self.se:.4f}" if self.decided else ""
+        return (f"{self.diff:+.4f}{se} bpd ({self.seeds_text()}; P(A<B) = {self.p_better:.2f}): {self.verdict}")
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "diff": self.diff, "se": self.se if self.decided else None,
+                "df": self.df if self.decided else None, "n_seeds_a": self.n_a, "n_seeds_b": self.n_b,
+                "paired_by_seed": self.paired_by_seed, "p_better": self.p_better, "n_examples": self.n_examples,
+                "verdict": self.verdict}
+
+
+def run_means(runs: dict) -> dict:
+    """{seed: mean held-out BPD} of the runs that have per-example results ({seed: array})."""
+    return {int(seed): float(np.mean(arr)) for seed, arr in runs.items() if arr is not None and arr.size}
+
+
+def compare_structures(a: dict, b: dict) -> Optional[StructureComparison]:
+    """Configuration A minus configuration B over seeds; ``a``/``b`` map distinct training seeds
+    to per-example held-out BPDs (:func:`read_per_example`).  None when either has no result or
+    the runs cover different examples.
+
+    Each run counts as one draw of its configuration's mean BPD; the example noise is inside
+    each draw.  When both configurations ran exactly the same seeds (>= 2), the differences
+    d_s = m_A,s - m_B,s are the replicates (same seed: same initial network draw and batch
+    order where the shapes allow, so pairing removes that shared part): diff = mean(d),
+    SE = sd(d) / sqrt(n), df = n - 1.  Otherwise Welch's t: SE = sqrt(s_A^2/n_A + s_B^2/n_B)
+    with Welch-Satterthwaite df.  With one seed on either side: diff only, not decided."""
+    arrays = [v for v in (*a.values(), *b.values()) if v is not None]
+    if not arrays or len({x.shape for x in arrays}) != 1:
+        return None
+    ma, mb = run_means(a), run_means(b)
+    if not ma or not mb:
+        return None
+    va, vb = np.array(list(ma.values())), np.array(list(mb.values()))
+    n_examples = int(arrays[0].size)
+    diff = float(va.mean() - vb.mean())
+    p_better = _p_better(ma, mb)
+    same = set(ma) == set(mb) and len(ma) >= 2
+    if same:
+        d = np.array([ma[s] - mb[s] for s in sorted(ma)])
+        se = float(d.std(ddof=1) / math.sqrt(d.size))
+        return StructureComparison(diff, se, float(d.size - 1), len(ma), len(mb), p_better, True, n_examples)
+    if va.size < 2 or vb.size < 2:
+        return StructureComparison(diff, math.nan, math.nan, va.size, vb.size, p_better, False, n_examples)
+    qa, qb = va.var(ddof=1) / va.size, vb.var(ddof=1) / vb.size
+    se = math.sqrt(qa + qb)
+    df = (qa + qb) ** 2 / (qa ** 2 / (va.size - 1) + qb ** 2 / (vb.size - 1)) if qa + qb > 0 else math.inf
+    return StructureComparison(diff, se, float(df), va.size, vb.size, p_better, False, n_examples)
+
+
+def _p_better(ma: dict, mb: dict) -> float:
+    """P(A < B) over seeds: the share of seeds (paired) or of seed pairs (unpaired) in which A's
+    run has the lower mean BPD; ties count one half."""
+    if set(ma) == set(mb) and len(ma) >= 2:
+        pairs = [(ma[s], mb[s]) for s in ma]
+    else:
+        pairs = [(x, y) for x in ma.values() for y in mb.values()]
+    wins = sum(1.0 if x < y else 0.5 if x == y else 0.0 for x, y in pairs)
+    return wins / len(pairs)
+
+
+def read_runs(runs: Iterable[tuple[int, str | Path]]) -> dict:
+    """{seed: per-example BPDs} of (seed, run directory) pairs; the first run of a seed counts."""
+    out: dict = {}
+    for seed, run_dir in runs:
+        if int(seed) not in out:
+            out[int(seed)] = read_per_example(run_dir)
+    return out
+
+
+def vs_reference(groups: dict, reference) -> dict:
+    """Every group's structure comparison against the group ``reference`` (e.g. the best
+    baseline): ``groups`` maps a key to [(seed, run directory)], the result a key to a
+    :class:`StructureComparison` or None.  The one place the leaderboard, the report and
+    ``mdmsearch compare`` compute a margin."""
+    runs = {key: read_runs(members) for key, members in groups.items()}
+    ref = runs.get(reference)
+    if ref is None:
+        return {key: None for key in groups}
+    return {key: compare_structures(r, ref) for key, r in runs.items()}

@@ -18,7 +18,7 @@ from typing import Any, Iterable
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .compare import distinct_seeds, paired, read_per_example, seed_mean
+from .compare import distinct_seeds, vs_reference
 from .errors import MDMError
 from .training.checkpoint import atomic_write
 
@@ -206,21 +206,25 @@ def ranked(df, metric: str = "val_bpd"):
 
 
 def _vs_best_baseline(rows, agg):
-    """Adds each configuration's held-out BPD difference to the best baseline of its dataset,
-    paired by example (``vs_baseline``, ``vs_baseline_se``, ``verdict``; see compare.py)."""
-    arrays = {key: seed_mean(read_per_example(p) for p in part["artifact_dir"].dropna())
-              for key, part in rows.groupby(["dataset", "config_group"], dropna=False)}
-    diffs, ses, words = [], [], []
+    """Adds each configuration's structure comparison with the best baseline of its dataset
+    (held-out BPD over seeds, see compare.py): ``vs_baseline``, ``vs_baseline_se`` (the seed-level
+    SE; NaN with one seed), ``p_better`` (P(config < baseline) over seeds) and ``verdict``
+    ("not decided (1 seed)" unless both have >= 2 seeds)."""
+    comps = {}
+    for dataset, part in rows[rows["artifact_dir"].notna()].groupby("dataset", dropna=False):
+        groups = {g: list(zip(runs["seed"], runs["artifact_dir"])) for g, runs in part.groupby("config_group")}
+        base = agg[(agg["dataset"] == dataset) & agg["baseline"].notna()]
+        if not base.empty:  # agg is sorted: the first baseline is the best one
+            comps.update({(dataset, g): c for g, c in vs_reference(groups, base.iloc[0]["config_group"]).items()})
+    diffs, ses, probs, words = [], [], [], []
     for rec in agg.to_dict("records"):
-        base = agg[(agg["dataset"] == rec["dataset"]) & agg["baseline"].notna()]
-        comp = None
-        if not base.empty:
-            ref = (rec["dataset"], base.iloc[0]["config_group"])  # agg is sorted: the best baseline
-            comp = paired(arrays.get((rec["dataset"], rec["config_group"])), arrays.get(ref))
+        comp = comps.get((rec["dataset"], rec["config_group"]))
         diffs.append(comp.diff if comp else None)
-        ses.append(comp.se if comp else None)
+        ses.append(comp.se if comp and comp.decided else None)
+        probs.append(comp.p_better if comp else None)
         words.append(comp.verdict if comp else None)
-    return agg.assign(vs_baseline=pd_float(diffs), vs_baseline_se=pd_float(ses), verdict=words)
+    return agg.assign(vs_baseline=pd_float(diffs), vs_baseline_se=pd_float(ses), p_better=pd_float(probs),
+                      verdict=words)
 
 
 def pd_float(values):

@@ -127,24 +127,30 @@ def _row(trial, baseline, group, seed, val, art, study="s"):
             "residual_stats": "floored", "val_bpd": val, "test_bpd": val, "artifact_dir": str(art), "steps": 10}
 
 
-def test_leaderboard_reports_paired_difference_to_the_best_baseline(tmp_path):
+def test_leaderboard_reports_structure_verdicts_against_the_best_baseline(tmp_path):
+    """The leaderboard's verdict is about structures: over seeds, with their number; one seed is
+    'not decided' (never 'better'), whatever the example-paired SE of that one run says."""
     rng = np.random.default_rng(1)
     common = rng.normal(2.0, 0.5, 400)
-    base = _write_run(tmp_path / "art", "base", common)
-    better = _write_run(tmp_path / "art", "better", common - 0.03 + rng.normal(0, 0.02, 400))
-    tie = _write_run(tmp_path / "art", "tie", common + rng.normal(0, 0.02, 400))
     root = tmp_path / "lb"
-    write_trial(root, "digits", "s", _row(0, "vpsde", "B", 0, 2.0, base))
-    write_trial(root, "digits", "s", _row(1, None, "L", 0, 1.97, better))
-    write_trial(root, "digits", "s", _row(2, None, "T", 0, 2.001, tie))
+    trial = 0
+    for group, shift, seeds in (("B", 0.0, 3), ("L", -0.05, 3), ("T", 0.0, 3), ("ONE", -0.05, 1)):
+        for seed in range(seeds):
+            run = _write_run(tmp_path / "art", f"{group}{seed}",
+                             common + shift + rng.normal(0, 0.005) + rng.normal(0, 0.02, 400))
+            write_trial(root, "digits", "s", _row(trial, "vpsde" if group == "B" else None, group, seed,
+                                                  2.0 + shift + (0.001 if group == "T" else 0), run))
+            trial += 1
     # the same seed of "L" again in another study: one replicate, not two
-    write_trial(root, "digits", "t", _row(0, None, "L", 0, 1.97, better, study="t"))
+    write_trial(root, "digits", "t", _row(0, None, "L", 0, 1.95, tmp_path / "art" / "L0", study="t"))
     view = ranked(read_tree(root)).set_index("config_group")
-    assert view.loc["L", "n"] == 1
-    assert view.loc["L", "verdict"] == "better" and view.loc["L", "vs_baseline"] == pytest.approx(-0.03, abs=0.01)
-    assert view.loc["L", "vs_baseline_se"] < 0.002
+    assert view.loc["L", "n"] == 3
+    assert view.loc["L", "verdict"] == "better" and view.loc["L", "vs_baseline"] == pytest.approx(-0.05, abs=0.015)
+    assert 0 < view.loc["L", "vs_baseline_se"] < 0.02 and view.loc["L", "p_better"] == 1.0
     assert view.loc["T", "verdict"] == TIE
-    assert view.loc["B", "vs_baseline"] == 0.0
+    assert view.loc["ONE", "verdict"] == "not decided (1 seed)" and pd.isna(view.loc["ONE", "vs_baseline_se"])
+    assert view.loc["ONE", "vs_baseline"] < 0
+    assert view.loc["B", "vs_baseline"] == 0.0 and view.loc["B", "verdict"] == TIE
 
 
 def test_rows_written_before_a_column_existed_read_as_null(tmp_path):
@@ -165,3 +171,67 @@ def test_a_seed_run_in_two_studies_is_listed_but_counted_once(tmp_path):
     write_trial(root, "digits", "b", _row(3, "vpsde", "B", 0, 2.0, art, study="b"))
     row = ranked(read_tree(root)).iloc[0]
     assert row["n"] == 1 and row["studies"] == "a,b" and row["trials"] == "0,3"
+
+
+# ---------------------------------------------------------------------- structure comparisons
+def _runs(rng, mean, seeds, n=200, seed_sd=0.02, noise=0.01, common=None):
+    """Per-example BPDs of one configuration's runs: each seed shifts the whole run."""
+    common = rng.normal(2.0, 0.5, n) if common is None else common
+    return {s: common + mean + rng.normal(0, seed_sd) + rng.normal(0, noise, n) for s in seeds}
+
+
+def test_a_structure_verdict_needs_two_seeds_each():
+    from mdmsearch.compare import compare_structures
+
+    rng = np.random.default_rng(0)
+    common = rng.normal(2.0, 0.5, 200)
+    a = _runs(rng, -0.5, [0], common=common)
+    b = _runs(rng, 0.0, [0, 1, 2], common=common)
+    c = compare_structures(a, b)
+    assert c.kind == "structure" and not c.decided and c.verdict == "not decided (1 seed)"
+    assert "better" not in c.describe() and c.diff < -0.4 and c.p_better == 1.0
+    assert c.as_dict()["se"] is None and c.n_seeds == 1
+    assert paired(a[0], b[0]).verdict == "better"  # the model comparison of the same runs decides
+
+
+def test_structure_se_is_the_spread_over_seeds():
+    """Paired by seed when both ran the same seeds (SE over the seed differences, df = n - 1),
+    Welch otherwise; the example-paired SE of the seed means is far smaller and says nothing."""
+    from mdmsearch.compare import compare_structures, run_means
+
+    rng = np.random.default_rng(1)
+    common = rng.normal(2.0, 0.5, 300)
+    a = _runs(rng, 0.0, [0, 1, 2, 3], n=300, common=common)
+    b = _runs(rng, 0.0, [0, 1, 2, 3], n=300, common=common)
+    c = compare_structures(a, b)
+    ma, mb = run_means(a), run_means(b)
+    d = np.array([ma[s] - mb[s] for s in range(4)])
+    assert c.paired_by_seed and c.df == 3 and c.se == pytest.approx(d.std(ddof=1) / 2)
+    assert c.se > 5 * paired(seed_mean(a.values()), seed_mean(b.values())).se
+    w = compare_structures(a, {s + 10: v for s, v in b.items()})
+    va, vb = np.array(list(ma.values())), np.array(list(mb.values()))
+    assert not w.paired_by_seed and w.se == pytest.approx(math.sqrt(va.var(ddof=1) / 4 + vb.var(ddof=1) / 4))
+    assert 2.5 < w.df <= 6
+    assert w.threshold == pytest.approx(__import__("scipy").stats.t.ppf(0.975, w.df) * w.se)
+    assert compare_structures(a, {0: b[0][:10], 1: b[1][:10]}) is None  # other examples
+
+
+def test_structure_verdicts_are_calibrated_on_simulated_seeds():
+    """Same-configuration pairs are called different at about the nominal 5% (the t test's few
+    degrees of freedom included), while the example-paired SE calls most of them different;
+    a real difference of 4 seed standard deviations is detected most of the time with 3 seeds."""
+    from mdmsearch.compare import compare_structures
+
+    rng = np.random.default_rng(2)
+    common = rng.normal(2.0, 0.5, 100)
+    reps = 400
+    false = naive = detected = 0
+    for _ in range(reps):
+        a = _runs(rng, 0.0, [0, 1, 2], n=100, common=common)
+        b = _runs(rng, 0.0, [3, 4, 5], n=100, common=common)
+        false += compare_structures(a, b).verdict != TIE
+        naive += paired(seed_mean(a.values()), seed_mean(b.values())).verdict != TIE
+        real = _runs(rng, -0.08, [3, 4, 5], n=100, common=common)
+        detected += compare_structures(real, b).verdict == "better"
+    assert false / reps < 0.09 and naive / reps > 0.5
+    assert detected / reps > 0.5

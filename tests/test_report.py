@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from mdmsearch.compare import Comparison
+from mdmsearch.compare import StructureComparison
 from mdmsearch.errors import MDMError
 from mdmsearch.leaderboard import read_tree
 from mdmsearch.report import build_report, margin_sentence
@@ -197,7 +197,7 @@ def test_table_numbers_equal_the_parquet_data(tiny, report):
     if learned_groups and len(base):
         best_l = ok[ok["trial"].isin(learned_groups[0])]["val_bpd"].mean()
         margin = base.min() - best_l
-        word = "better" if margin > 0 else "worse"
+        word = "lower" if margin > 0 else "higher"
         assert f"reaches {_fmt(best_l)} validation bpd, {_fmt(abs(margin))} bpd {word} than the best baseline" in text
 
 
@@ -287,19 +287,23 @@ def test_importances_from_the_optuna_study(tiny, tmp_path):
 
 
 def test_margin_sentence_better_and_worse():
+    """The headline states a structure verdict with its seeds; one seed is never 'better'."""
     learned = Entry(label="K=2, Q chain, D aux", baseline=None, group="a", n=1, val_mean=2.31)
     vpsde = Entry(label="VPSDE", baseline="vpsde", group="b", n=1, val_mean=2.36)
     s = margin_sentence(learned, vpsde)
     assert s.startswith("The best learned structure (K=2, Q chain, D aux) reaches 2.310 validation bpd, "
-                        "0.050 bpd better than the best baseline (VPSDE, 2.360).")
-    assert "no standard error" in s  # no per-example results to pair
-    learned.vs_baseline = Comparison(diff=-0.012, se=0.004, n=540)
-    assert ("paired with the baseline, the difference is -0.012 ± 0.004 bpd: better beyond 2 paired standard errors"
-            in margin_sentence(learned, vpsde))
-    learned.vs_baseline = Comparison(diff=-0.006, se=0.004, n=540)
-    assert "-0.006 ± 0.004 bpd: a tie within noise" in margin_sentence(learned, vpsde)
+                        "0.050 bpd lower than the best baseline (VPSDE, 2.360).")
+    assert "no standard error" in s  # no per-example results to compare
+    learned.vs_baseline = StructureComparison(-0.05, float("nan"), float("nan"), 1, 1, 1.0, False, 540)
+    s = margin_sentence(learned, vpsde)
+    assert "not decided: 1 vs 1 seeds" in s and "better" not in s
+    learned.vs_baseline = StructureComparison(-0.012, 0.002, 2.0, 3, 3, 1.0, True, 540)
+    assert ("Over seeds (3 vs 3 seeds, paired by seed), its held-out difference to the baseline is -0.012 ± 0.002 "
+            "bpd with P(better) = 1.00: better as a structure (t test over seeds, 2 df)" in margin_sentence(learned, vpsde))
+    learned.vs_baseline = StructureComparison(-0.012, 0.004, 2.0, 3, 3, 0.67, True, 540)  # t_0.975(2) = 4.3
+    assert "-0.012 ± 0.004 bpd with P(better) = 0.67: a tie within noise" in margin_sentence(learned, vpsde)
     learned.val_mean = 2.5
-    assert "0.140 bpd worse than the best baseline (VPSDE, 2.360)" in margin_sentence(learned, vpsde)
+    assert "0.140 bpd higher than the best baseline (VPSDE, 2.360)" in margin_sentence(learned, vpsde)
     assert "no baseline has completed" in margin_sentence(learned, None)
     assert "No learned structure has completed" in margin_sentence(None, vpsde)
 

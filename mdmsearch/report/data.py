@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..compare import TIE, Comparison, distinct_seeds, paired, read_per_example, seed_mean
+from ..compare import TIE, StructureComparison, distinct_seeds, vs_reference
 from ..errors import MDMError
 
 log = logging.getLogger(__name__)
@@ -207,7 +207,8 @@ class Entry:
     rep: Optional[dict] = None  # the best seed's leaderboard row
     status: str = ""  # "" when completed, else why there is no result
     artifact_dirs: list = field(default_factory=list)  # of the completed runs (one per seed)
-    vs_baseline: Optional[Comparison] = None  # held-out BPD minus the best baseline's, paired by example
+    seeds: list = field(default_factory=list)  # the training seed of each artifact dir
+    vs_baseline: Optional[StructureComparison] = None  # held-out BPD minus the best baseline's, over seeds
 
     @property
     def complete(self) -> bool:
@@ -238,7 +239,9 @@ def aggregate(df) -> list[Entry]:
             n=int(val.count()), steps=int(part["steps"].max()) if part["steps"].notna().any() else None,
             train_seconds=float(part["train_seconds"].mean()) if part["train_seconds"].notna().any() else float("nan"),
             trials=[(str(s), int(t)) for s, t in zip(part["study"], part["trial"])], rep=rep,
-            artifact_dirs=[p for p in part["artifact_dir"] if text(p)] if "artifact_dir" in part else []))
+            artifact_dirs=[p for p in part["artifact_dir"] if text(p)] if "artifact_dir" in part else [],
+            seeds=[int(sd) for sd, p in zip(part["seed"], part["artifact_dir"]) if text(p)]
+            if "artifact_dir" in part and "seed" in part else []))
     entries.sort(key=lambda e: (e.val_mean, e.label))
     for i, e in enumerate(entries, 1):
         e.rank = i
@@ -297,21 +300,26 @@ def leaderboard_table(df, top: int = 5) -> Table:
 
 
 def compare_to_baseline(entries: list[Entry], baseline: Optional[Entry]) -> None:
-    """Sets ``vs_baseline`` of every completed entry (the baseline itself included: zero)."""
+    """Sets ``vs_baseline`` of every completed entry (the baseline itself included: zero): the
+    structure comparison over seeds of :func:`mdmsearch.compare.vs_reference`."""
     if baseline is None:
         return
-    ref = seed_mean(read_per_example(p) for p in baseline.artifact_dirs)
-    for e in entries:
-        if e.complete:
-            e.vs_baseline = paired(seed_mean(read_per_example(p) for p in e.artifact_dirs), ref)
+    complete = [e for e in entries if e.complete]
+    groups = {e.group: list(zip(e.seeds, e.artifact_dirs)) for e in complete}
+    comps = vs_reference(groups, baseline.group)
+    for e in complete:
+        e.vs_baseline = comps.get(e.group)
 
 
-def fmt_comparison(c: Optional[Comparison]) -> str:
-    """``-0.012 ± 0.003 (better)``, or ``—`` without per-example results."""
+def fmt_comparison(c: Optional[StructureComparison]) -> str:
+    """``-0.012 ± 0.003 (better, 3 seeds, P 0.92)``, ``-0.012 (not decided (1 seed))``, or ``—``
+    without per-example results."""
     if c is None:
         return "—"
     d = BPD_DECIMALS
-    return f"{c.diff:+.{d}f} ± {c.se:.{d}f} ({c.verdict})"
+    if not c.decided:
+        return f"{c.diff:+.{d}f} ({c.verdict})"
+    return f"{c.diff:+.{d}f} ± {c.se:.{d}f} ({c.verdict}, {c.n_seeds} seeds, P {c.p_better:.2f})"
 
 
 def margin_sentence(learned: Optional[Entry], baseline: Optional[Entry]) -> str:
@@ -328,16 +336,19 @@ def margin_sentence(learned: Optional[Entry], baseline: Optional[Entry]) -> str:
     if round(abs(margin), d) == 0:
         rel = f"level with the best baseline ({baseline.label}, {baseline.val_mean:.{d}f})"
     else:
-        word = "better" if margin > 0 else "worse"
+        word = "lower" if margin > 0 else "higher"
         rel = f"{abs(margin):.{d}f} bpd {word} than the best baseline ({baseline.label}, {baseline.val_mean:.{d}f})"
     sentence = f"The best learned structure ({learned.label}) reaches {learned.val_mean:.{d}f} validation bpd, {rel}."
     c = learned.vs_baseline
     if c is None:
-        return sentence + " (No per-example results to pair: the difference has no standard error.)"
+        return sentence + " (No per-example results to compare: the difference has no standard error.)"
+    if not c.decided:
+        return (sentence + f" As a structure it is not decided: {c.seeds_text()} (a verdict needs at least 2 "
+                f"seeds each; `mdmsearch confirm` trains more).")
     judged = ("a tie within noise" if c.verdict == TIE else
-              f"{'better' if c.diff < 0 else 'worse'} beyond 2 paired standard errors")
-    return (sentence + f" On the {c.n} held-out examples, paired with the baseline, the difference is "
-            f"{c.diff:+.{d}f} ± {c.se:.{d}f} bpd: {judged}.")
+              f"{'better' if c.diff < 0 else 'worse'} as a structure (t test over seeds, {c.df:.0f} df)")
+    return (sentence + f" Over seeds ({c.seeds_text()}), its held-out difference to the baseline is "
+            f"{c.diff:+.{d}f} ± {c.se:.{d}f} bpd with P(better) = {c.p_better:.2f}: {judged}.")
 
 
 # ---------------------------------------------------------------------- other views

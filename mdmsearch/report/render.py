@@ -211,10 +211,12 @@ def render_html(report: Report) -> str:
         '<section id="leaderboard"><h2>Leaderboard</h2>',
         '<p class="intro">Configurations ranked by mean validation BPD over training seeds (mean ± std, n seeds; '
         f"lower is better); <em>#</em> is the rank among all {len(report.table.all_entries)} completed "
-        "configurations. The fixed baselines are always listed. <em>vs best baseline</em> is the held-out BPD "
-        "difference to the best baseline, paired by example under common evaluation noise, ± its paired standard "
-        "error, and the verdict (better or worse beyond 2 paired SE, else a tie within noise); distinct training "
-        "seeds are the only replicates. <em>Train s</em> is the mean training time per "
+        "configurations. The fixed baselines are always listed. <em>vs best baseline</em> compares structures: "
+        "the held-out BPD difference to the best baseline over training seeds, ± its standard error including the "
+        "seed-to-seed spread, and the verdict of a t test over seeds (better or worse at the 5% level, else a tie "
+        "within noise; with one seed on either side, not decided), the seeds behind it and P, the share of seeds "
+        "in which the configuration beats the baseline; distinct training seeds are the only replicates "
+        "(docs/comparisons.md). <em>Train s</em> is the mean training time per "
         "run; <em>Runs</em> lists the trials averaged; <em>Config</em> identifies the configuration up to the "
         "seed.</p>",
         _html_table(report),
