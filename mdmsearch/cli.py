@@ -232,11 +232,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("processes", help="list the registered processes and their Q, D")
     p.set_defaults(func=_cmd_processes)
 
+    from .compare_cli import add_compare_command
     from .report.cli import add_report_command
     from .search.cli import add_search_commands
 
     add_search_commands(sub)
     add_report_command(sub)
+    add_compare_command(sub)
     for name, subparser in sub.choices.items():
         _global_flags(subparser, suppress=True)
     return parser

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PER_EXAMPLE_FILE = "per_example.parquet"
 SPLITS = ("val", "test")
+HELDOUT = "heldout"  # read_per_example's default: both SPLITS, validation then test
 TIE = "tie within noise"
 NOT_DECIDED = "not decided"
 ALPHA = 0.05  # two-sided level of the structure verdict's t test
@@ -67,10 +68,14 @@ def verdict(diff: float, se: float) -> str:
     return "better" if diff < 0 else "worse"
 
 
-def read_per_example(run_dir: str | Path) -> Optional[np.ndarray]:
-    """Held-out per-example BPDs of a run (validation then test, in example order), or None
-    when the run has no readable file (an older run, or one that did not finish)."""
+def read_per_example(run_dir: str | Path, split: str = HELDOUT) -> Optional[np.ndarray]:
+    """Held-out per-example BPDs of a run (validation then test, in example order; ``split``
+    "val" or "test": that split only), or None when the run has no readable file (an older
+    run, or one that did not finish) or no example of ``split``."""
     import pandas as pd
+
+    if split != HELDOUT and split not in SPLITS:
+        raise ValueError(f"split must be {HELDOUT!r} or one of {SPLITS}, got {split!r}")
 
     path = Path(run_dir) / PER_EXAMPLE_FILE
     if not path.is_file():
@@ -80,6 +85,10 @@ def read_per_example(run_dir: str | Path) -> Optional[np.ndarray]:
     except (OSError, ValueError) as exc:  # pyarrow raises ArrowInvalid (a ValueError) on damage
         log.warning("skipping unreadable %s: %s", path, exc)
         return None
+    if split != HELDOUT:
+        df = df[df["split"] == split]
+        if df.empty:
+            return None
     order = {s: i for i, s in enumerate(SPLITS)}
     df = df.assign(_order=df["split"].map(order)).sort_values(["_order", "index"])
     return df["bpd"].to_numpy(dtype=np.float64)
@@ -215,12 +224,13 @@ def _p_better(ma: dict, mb: dict) -> float:
     return wins / len(pairs)
 
 
-def read_runs(runs: Iterable[tuple[int, str | Path]]) -> dict:
-    """{seed: per-example BPDs} of (seed, run directory) pairs; the first run of a seed counts."""
+def read_runs(runs: Iterable[tuple[int, str | Path]], split: str = HELDOUT) -> dict:
+    """{seed: per-example BPDs} of (seed, run directory) pairs; the first run of a seed counts.
+    ``split``: as in :func:`read_per_example`."""
     out: dict = {}
     for seed, run_dir in runs:
         if int(seed) not in out:
-            out[int(seed)] = read_per_example(run_dir)
+            out[int(seed)] = read_per_example(run_dir, split=split)
     return out
 
 

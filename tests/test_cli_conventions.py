@@ -122,12 +122,13 @@ def test_status_json_counts_fails_apart_and_the_study_is_named(tmp_path):
         trial.set_user_attr("reason", f"because {outcome.lower()}")
         study.tell(trial, values, state=state if values is None else None)
     assert count_trials(study) == {"finished": 2, "failed": 1, "decided": 3, "duplicates": 0, "running": 0, "waiting": 0,
-                                   "total": 3}
+                                   "confirmation": 0, "total": 3}
     res = cli(tmp_path, "status", "st", "--studies-dir", str(tmp_path / "studies"), "--format", "json")
     assert res.returncode == 0, res.stderr
     info = json.loads(res.stdout)
     assert info["finished"] == 2 and info["failed"] == 1 and info["target"] == 5 and info["workers"] == 2
     assert info["failures"] == "trial 2: because fail" and info["best"]["trial"] == 0
+    assert info["confirmation"] is None  # the spec asks for none
     assert info["states"] == {"COMPLETE": 1, "FAIL": 1, "INVALID": 1}  # mdmsearch's outcomes, INVALID apart
     text = cli(tmp_path, "status", "st", "--studies-dir", str(tmp_path / "studies"))
     assert "FAILED: 1 (trial 2: because fail)" in text.stdout and "finished: 2; counted toward n_trials: 3 of 5" in text.stdout

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Optional
 
 from ..errors import MDMError
 
@@ -160,7 +161,7 @@ def study_status(study) -> dict:
             "waiting": counts["waiting"], "target": study.user_attrs.get("n_trials"),
             "workers": max(1, int(study.user_attrs.get("workers", 1))), "executor": study.user_attrs.get("executor"),
             "failures": failure_summary(study) if counts["failed"] else None, "best": None,
-            "mean_trial_seconds": None, "eta_seconds": None}
+            "mean_trial_seconds": None, "eta_seconds": None, "confirmation": confirmation_status(study)}
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
     if complete:
         best = min(complete, key=lambda t: t.values[0])
@@ -176,6 +177,20 @@ def study_status(study) -> dict:
     return info
 
 
+def confirmation_status(study) -> Optional[dict]:
+    """The confirmation on fresh seeds: its result once ended, else the round it is in."""
+    from .confirm import CONFIRM_ATTR, PLAN_ATTR, RESULT_ATTR, describe
+
+    result = study.user_attrs.get(RESULT_ATTR)
+    if result:
+        return {**result, "line": f"confirmed: {describe(result)}"}
+    if study.user_attrs.get(PLAN_ATTR):
+        rounds = max((int(t.user_attrs[CONFIRM_ATTR]["round"]) for t in study.get_trials(deepcopy=False)
+                      if t.user_attrs.get(CONFIRM_ATTR)), default=0)
+        return {"done": False, "rounds": rounds, "line": f"confirming the winner on fresh seeds: round {rounds}"}
+    return None
+
+
 def _status_lines(info: dict) -> list[str]:
     lines = [f"study {info['study']}: {info['trials']} trials  "
              + "  ".join(f"{k}={v}" for k, v in info["states"].items()),
@@ -187,6 +202,8 @@ def _status_lines(info: dict) -> list[str]:
     if info["best"]:
         b = info["best"]
         lines.append(f"best so far: trial {b['trial']} val_bpd={b['val_bpd']:.4f} ({b['label']})")
+    if info["confirmation"]:
+        lines.append(info["confirmation"]["line"])
     if info["mean_trial_seconds"] is not None:
         lines.append(f"mean trial time: {info['mean_trial_seconds']:.1f}s")
     if info["eta_seconds"] is not None:

@@ -18,6 +18,9 @@ from ..diffusion.structure import StructureCheck, check_matrices, check_structur
 from .spec import FloatRange, SearchSpec
 
 HYPER_NAMES = ("lr", "process_lr", "gamma", "beta_1")
+# budget keys that change neither the training nor the value told to the study's pruner: runs that
+# differ only in these are one configuration (a confirmation trial's finer final evaluation)
+EVALUATION_ONLY = {"device", "threads", "test_n_t", "n_samples", "sample_steps"}
 
 
 @dataclass
@@ -35,6 +38,7 @@ class TrialPlan:
     d_mask: list[list[int]]
     hyper: dict[str, Any]
     params: dict[str, Any] = field(default_factory=dict)
+    test_n_t: Optional[int] = None  # strata of the final evaluation, if not the spec's (confirmation trials)
 
     @property
     def n(self) -> int:
@@ -62,7 +66,7 @@ class TrialPlan:
             "model": self.model_config(spec),
             "optim": {"batch_size": b.batch_size, "lr": self.hyper["lr"], "process_lr": self.hyper["process_lr"]},
             "train": {"steps": b.steps, "eval_every": b.eval_every, "eval_examples": b.eval_examples,
-                      "eval_n_t": b.eval_n_t, "test_n_t": b.test_n_t,
+                      "eval_n_t": b.eval_n_t, "test_n_t": self.test_n_t or b.test_n_t,
                       "time_sampler": self.hyper["time_sampler"], "t_min": b.t_min, "seed": self.seed,
                       "device": b.device, "n_samples": b.n_samples, "sample_steps": b.sample_steps,
                       "progress": False},
@@ -97,8 +101,8 @@ class TrialPlan:
             hyper["parameterization"] = resolve_parameterization(hyper["parameterization"], self.n_aux)
             if hyper["parameterization"] == "eps":
                 hyper["residual_stats"] = None
-        key = {"process": process, "hyper": hyper,
-               "budget": spec.budget.model_dump(mode="json", exclude={"device", "threads"}),
+        key = {"process": process, "hyper": hyper,  # (what only evaluates or samples does not change the run)
+               "budget": spec.budget.model_dump(mode="json", exclude=EVALUATION_ONLY),
                "data": spec.data.model_dump(mode="json"), "model": spec.model.model_dump(mode="json")}
         if with_seed:
             key["seed"] = self.seed
@@ -107,6 +111,12 @@ class TrialPlan:
     def structure_hash(self, spec: SearchSpec) -> str:
         """Hash of the process structure (family, masks, fixed constants), known before training."""
         return self.run_config(spec).process.build().structure_hash()
+
+    def label(self) -> str:
+        """'VPSDE' or 'learned K=2 Q:chain D:aux' (a structure, for log lines and summaries)."""
+        if self.baseline:
+            return self.baseline.upper()
+        return f"learned K={self.n_aux} Q:{self.q_pattern} D:{self.d_pattern}"
 
     def nnz(self) -> tuple[int, int]:
         return int(sum(map(sum, self.q_mask))), int(sum(map(sum, self.d_mask)))
@@ -156,8 +166,11 @@ def _choice(trial, name: str, options: list):
     return options[0] if len(options) == 1 else trial.suggest_categorical(name, options)
 
 
-def suggest_plan(trial, spec: SearchSpec, baseline: Optional[str] = None) -> TrialPlan:
-    """Sample (or read back, for enqueued trials) a plan.  ``trial`` is any Optuna trial."""
+def suggest_plan(trial, spec: SearchSpec, baseline: Optional[str] = None, seed: Optional[int] = None,
+                 test_n_t: Optional[int] = None) -> TrialPlan:
+    """Sample (or read back, for enqueued trials) a plan.  ``trial`` is any Optuna trial.
+    ``seed``/``test_n_t``: a confirmation trial's fresh seed (not one of the spec's, so not a
+    parameter) and final-evaluation strata."""
     hyper = {name: _suggest_float(trial, name, getattr(spec.hyper, name)) for name in HYPER_NAMES}
     hyper["time_sampler"] = _choice(trial, "time_sampler", list(spec.hyper.time_sampler))
     options = predictor_choices(spec)
@@ -165,13 +178,14 @@ def suggest_plan(trial, spec: SearchSpec, baseline: Optional[str] = None) -> Tri
     # the statistics mean nothing without the Gaussian part: not suggested (no aliases) for eps
     hyper["residual_stats"] = (_choice(trial, "residual_stats", options["residual_stats"])
                                if hyper["parameterization"] != "eps" else None)
-    seed = int(_choice(trial, "seed", list(spec.seeds)))
+    seed = int(_choice(trial, "seed", list(spec.seeds))) if seed is None else int(seed)
     if baseline:
         n_aux = {"vpsde": 0, "cld": 1, "alda": 2, "malda": 2}[baseline]
         plan = TrialPlan(baseline, seed, n_aux, "fixed", "fixed", "fixed", False, [], [], hyper)
     else:
         plan = _suggest_structure(trial, spec, hyper, seed)
     plan.params = dict(trial.params)
+    plan.test_n_t = test_n_t
     return plan
 
 

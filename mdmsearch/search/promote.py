@@ -22,16 +22,16 @@ log = logging.getLogger(__name__)
 _REF = re.compile(r"^(?P<study>[A-Za-z0-9_.-]+)/(?P<trial>\d+|best)$")
 
 
-def parse_trial_ref(ref: str) -> tuple[str, Optional[int]]:
-    """``STUDY/N`` or ``STUDY/best`` -> (study, N or None for best)."""
+def parse_trial_ref(ref: str, what: str = "--from-trial") -> tuple[str, Optional[int]]:
+    """``STUDY/N`` or ``STUDY/best`` -> (study, N or None for best); ``what`` starts the error."""
     m = _REF.match(ref.strip())
     if m is None:
-        raise ConfigError(f"--from-trial {ref!r}: expected STUDY/N (a trial number) or STUDY/best, e.g. aux3/9")
+        raise ConfigError(f"{what} {ref!r}: expected STUDY/N (a trial number) or STUDY/best, e.g. aux3/9")
     trial = m.group("trial")
     return m.group("study"), None if trial == "best" else int(trial)
 
 
-def _open(study_name: str, studies_dir: str | Path, storage: Optional[str]):
+def _open(study_name: str, studies_dir: str | Path, storage: Optional[str], what: str = "--from-trial"):
     import optuna
 
     from ..preflight import journal_path, normalize_storage
@@ -40,22 +40,46 @@ def _open(study_name: str, studies_dir: str | Path, storage: Optional[str]):
     url = normalize_storage(storage, Path(studies_dir) / study_name / "journal.log")
     jp = journal_path(url)
     if jp is not None and not jp.is_file():
-        raise ConfigError(f"--from-trial: no study {study_name!r} under {studies_dir}/ (give --studies-dir or --storage)")
+        raise ConfigError(f"{what}: no study {study_name!r} under {studies_dir}/ (give --studies-dir or --storage)")
     try:
         return optuna.load_study(study_name=study_name, storage=make_storage(url))
     except KeyError:
-        raise ConfigError(f"--from-trial: no study {study_name!r} in {url}") from None
+        raise ConfigError(f"{what}: no study {study_name!r} in {url}") from None
 
 
-def _best(study):
+def _best(study, what: str = "--from-trial"):
     """The completed, trained (not duplicate) trial with the lowest first objective."""
     from optuna.trial import TrialState
 
     done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.user_attrs.get(FINAL_ATTR) and t.user_attrs.get(OUTCOME_ATTR) == Outcome.COMPLETE and t.values]
     if not done:
-        raise ConfigError(f"--from-trial {study.study_name}/best: the study has no completed trial yet")
+        raise ConfigError(f"{what} {study.study_name}/best: the study has no completed trial yet")
     return min(done, key=lambda t: t.values[0])
+
+
+def resolve_trial(ref: str, studies_dir: str | Path = "studies", storage: Optional[str] = None,
+                  what: str = "--from-trial"):
+    """The FrozenTrial that trained the configuration of ``STUDY/N`` or ``STUDY/best``: a
+    duplicate answers as the trial it duplicates; one that did not train is a ConfigError (one
+    line, starting with ``what``).  Its ``artifact_dir`` user attribute holds the run."""
+    study_name, number = parse_trial_ref(ref, what)
+    study = _open(study_name, studies_dir, storage, what)
+    if number is None:
+        trial = _best(study, what)
+    else:
+        trials = study.get_trials(deepcopy=False)
+        if not 0 <= number < len(trials):
+            raise ConfigError(f"{what} {ref}: study {study_name!r} has trials 0..{len(trials) - 1}")
+        trial = trials[number]
+    first = trial.user_attrs.get("duplicate_of")
+    if first is not None:  # answered from an earlier trial: that one trained this configuration
+        trial = study.get_trials(deepcopy=False)[int(first)]
+    outcome = trial.user_attrs.get(OUTCOME_ATTR)
+    if outcome in (Outcome.INVALID, Outcome.FAIL) or trial.user_attrs.get(ARTIFACT_ATTR) is None:
+        raise ConfigError(f"{what} {ref}: trial {trial.number} did not train ({outcome or trial.state.name}"
+                          f"{': ' + str(trial.user_attrs['reason']) if trial.user_attrs.get('reason') else ''})")
+    return trial
 
 
 def trial_run_config(ref: str, studies_dir: str | Path = "studies", storage: Optional[str] = None) -> tuple[dict, str]:
@@ -63,22 +87,8 @@ def trial_run_config(ref: str, studies_dir: str | Path = "studies", storage: Opt
     description of where it came from."""
     import yaml
 
-    study_name, number = parse_trial_ref(ref)
-    study = _open(study_name, studies_dir, storage)
-    if number is None:
-        trial = _best(study)
-    else:
-        trials = study.get_trials(deepcopy=False)
-        if not 0 <= number < len(trials):
-            raise ConfigError(f"--from-trial {ref}: study {study_name!r} has trials 0..{len(trials) - 1}")
-        trial = trials[number]
-    first = trial.user_attrs.get("duplicate_of")
-    if first is not None:  # answered from an earlier trial: that one trained this configuration
-        trial = study.get_trials(deepcopy=False)[int(first)]
-    outcome = trial.user_attrs.get(OUTCOME_ATTR)
-    if outcome in (Outcome.INVALID, Outcome.FAIL) or trial.user_attrs.get(ARTIFACT_ATTR) is None:
-        raise ConfigError(f"--from-trial {ref}: trial {trial.number} did not train ({outcome or trial.state.name}"
-                          f"{': ' + str(trial.user_attrs['reason']) if trial.user_attrs.get('reason') else ''})")
+    trial = resolve_trial(ref, studies_dir, storage)
+    study_name, _ = parse_trial_ref(ref)
     path = Path(trial.user_attrs[ARTIFACT_ATTR]) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"--from-trial {ref}: {path} is missing (the trial's artifacts were moved or deleted)")

@@ -29,6 +29,8 @@ import optuna
 
 from ..errors import MDMError
 from . import adapters
+from .confirm import Step, next_step
+from .confirm import finished as confirm_finished
 from .lifecycle import Deadline, artifact_dir, claim, recover
 from .space import finite_size
 from .spec import SearchSpec
@@ -112,9 +114,12 @@ class StudySearcher(Searcher):
                                             sampler=optuna.samplers.RandomSampler())
         with study_lock(self.spec):
             reason = stop_reason(self._study, self.spec, count_trials(self._study), self.space_size)
-            if reason is not None:
+            step = Step.CLAIM if reason is None else next_step(self._study, self.spec)  # the search is done: confirm
+            if step is Step.DONE:
                 log.info("no new trials: %s", reason)
                 return Searcher.FINISHED
+            if step is Step.WAIT:  # this confirmation round's last trials are still running: Tune asks again
+                return None
             trial = claim(self._study, self.spec)
         HELD.hold(artifact_dir(self.spec, trial), trial.number)  # the driver beats until the trial starts
         return {"mdm_number": trial.number, "mdm_trial_id": adapters.trial_id(trial)}
@@ -175,9 +180,10 @@ def _build_tuner(spec: SearchSpec, space_size: Optional[int], deadline: Deadline
 
 def _done(study: optuna.Study, spec: SearchSpec, size: Optional[int]) -> bool:
     """Whether the study has its ``n_trials`` (duplicates not counted) or has tried every
-    configuration of a finite space."""
+    configuration of a finite space, and has confirmed its winner if the spec asks for it."""
     counts = count_trials(study)
-    return counts["decided"] - counts["duplicates"] >= spec.n_trials or bool(size and tried_configs(study) >= size)
+    searched = counts["decided"] - counts["duplicates"] - counts["confirmation"] >= spec.n_trials
+    return (searched or bool(size and tried_configs(study) >= size)) and confirm_finished(study, spec)
 
 
 def _last_line(exc: BaseException) -> str:

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from ..errors import MDMError
 from ..leaderboard import trial_path, write_curve, write_trial
+from .confirm import plan_overrides
 from .lifecycle import Outcome, artifact_dir, row_path
 from .plan import suggest_plan
 from .runner import _base_row, _json
@@ -62,7 +63,7 @@ def _state(t: optuna.trial.FrozenTrial) -> str:
 
 def row_from_trial(spec: SearchSpec, t: optuna.trial.FrozenTrial, executor: str) -> dict:
     plan = suggest_plan(optuna.trial.FixedTrial(dict(t.params), number=t.number), spec,
-                        baseline=t.user_attrs.get("baseline"))
+                        baseline=t.user_attrs.get("baseline"), **plan_overrides(spec, t.user_attrs))
     row = _base_row(spec, t.number, plan, executor, _utc(t.datetime_start))
     art = artifact_dir(spec, t)
     row.update(state=_state(t), reason=t.user_attrs.get("reason"), retry_of=t.user_attrs.get("retry_of"),

@@ -22,6 +22,7 @@ from ..errors import MDMError
 from ..leaderboard import mask_json, write_curve, write_trial
 from ..training import StopTraining, Trainer
 from ..training.checkpoint import atomic_write_json
+from .confirm import Step, next_step, plan_overrides
 from .failpoints import TrialEnd, failpoint
 from .plan import TrialPlan, suggest_plan
 from .spec import SearchSpec
@@ -125,13 +126,14 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
     t0 = time.perf_counter()
     number = trial.number
     baseline = trial.user_attrs.get("baseline") if hasattr(trial, "user_attrs") else None
-    plan = suggest_plan(trial, spec, baseline=baseline)
+    plan = suggest_plan(trial, spec, baseline=baseline, **plan_overrides(spec, trial.user_attrs))
     art_dir = artifact_dir(spec, trial)
     artifact_id = trial.user_attrs.get("artifact_id", number)
     row = _base_row(spec, number, plan, executor, started)
     row["retry_of"] = trial.user_attrs.get("retry_of")
     row["artifact_dir"] = str(art_dir)
     trial.set_user_attr("config_hash", row["config_hash"])
+    trial.set_user_attr("config_group", row["config_group"])  # (its seeds are one configuration)
     trial.set_user_attr(ARTIFACT_ATTR, str(art_dir))
     trial.set_user_attr("artifact_id", artifact_id)
 
@@ -258,6 +260,7 @@ def run_claimed(study: optuna.Study, spec: SearchSpec, trial, executor: str) -> 
 
 
 _UNKNOWN = object()  # space size not computed yet
+CONFIRM_POLL_SECONDS = 2.0  # a worker waiting for a confirmation round to end looks again after this
 
 
 def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = False, space_size=_UNKNOWN) -> int:
@@ -276,10 +279,15 @@ def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = Fal
             recover(study, spec)
             counts = count_trials(study)
             reason = stop_reason(study, spec, counts, space_size, repeats)
-            if reason is not None:
+            step = Step.CLAIM if reason is None else next_step(study, spec)  # the search is done: confirm
+            if step is Step.DONE:
                 (log.info if reason.startswith("n_trials=") else log.warning)("worker %d: stopping: %s", worker, reason)
                 break
-            trial = claim(study, spec)  # before releasing the lock: the artifact dir + a first heartbeat
+            if step is Step.CLAIM:
+                trial = claim(study, spec)  # before releasing the lock: the artifact dir + a first heartbeat
+        if step is Step.WAIT:  # this confirmation round's last trials run in another worker
+            time.sleep(CONFIRM_POLL_SECONDS)
+            continue
         log.info("worker %d: trial %d (%d/%d finished)", worker, trial.number, counts["finished"], spec.n_trials)
         outcome = run_claimed(study, spec, trial, "local")
         ran += 1

@@ -134,6 +134,28 @@ class PrunerSpec(_Strict):
     n_warmup_steps: int = Field(0, ge=0)
 
 
+class ConfirmSpec(_Strict):
+    """Intensification: once the search has its ``n_trials``, the incumbent (the best searched
+    configuration by validation BPD), the best baseline and the next best ``top_k - 1`` searched
+    configurations are trained again on fresh seeds, one round (one seed each) at a time, as
+    ordinary trials of the same study, until the incumbent's structure verdict against the
+    baseline is decided on the validation split (after at least ``min_seeds`` rounds) or
+    ``seeds`` rounds are done.  A challenger decided worse than the incumbent drops out."""
+
+    seeds: int = Field(0, ge=0, le=20, description="fresh seeds at most per confirmed configuration (0: no confirmation)")
+    min_seeds: int = Field(2, ge=2, le=20, description="rounds before a decided verdict may end the confirmation")
+    top_k: int = Field(2, ge=1, le=10, description="searched configurations confirmed: the incumbent and the next best")
+    seed_start: int = Field(1000, ge=0, description="the fresh seeds are seed_start, seed_start + 1, ...")
+    test_n_t: Optional[int] = Field(None, gt=0, description="strata of a confirmation trial's final evaluation "
+                                                            "(default: budget.test_n_t); search trials use budget.test_n_t")
+
+    @model_validator(mode="after")
+    def _rounds(self):
+        if self.seeds and self.min_seeds > self.seeds:
+            raise ValueError(f"min_seeds ({self.min_seeds}) must not exceed seeds ({self.seeds})")
+        return self
+
+
 class SearchSpec(_Strict):
     study: str = Field(..., description="study name: letters, digits, _ . -")
     data: DataConfig = Field(default_factory=DataConfig)
@@ -154,6 +176,7 @@ class SearchSpec(_Strict):
     leaderboard_dir: Optional[str] = Field(None, description="default: <studies_dir>/leaderboard")
     resources: dict[str, float] = Field(default_factory=lambda: {"cpu": 1, "gpu": 0}, description="per-trial resources (Ray)")
     executor: Literal["local", "ray"] = "local"
+    confirm: ConfirmSpec = Field(default_factory=ConfirmSpec)
 
     @field_validator("study")
     @classmethod
@@ -192,7 +215,7 @@ class SearchSpec(_Strict):
         """The part of the spec that defines the study's search space (hashed and stored)."""
         keep = self.model_dump(mode="json", exclude={"n_trials", "workers", "storage", "studies_dir",
                                                        "leaderboard_dir", "executor", "resources",
-                                                       "time_budget_s"})
+                                                       "time_budget_s", "confirm"})
         keep["budget"].pop("device", None)
         keep["budget"].pop("threads", None)
         return keep

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 HEARTBEAT_SECONDS = 5.0
 STALE_SECONDS = 60.0
 FINAL_ATTR = "final"  # user attr set on every trial whose outcome is decided (counts as finished)
+CONFIRM_ATTR = "confirm"  # user attr of a confirmation trial (see confirm.py)
 
 
 def storage_url(spec: SearchSpec) -> str:
@@ -337,8 +338,9 @@ def retry_trial(study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -
     except RuntimeError:  # finished meanwhile by another worker
         return False
     attrs = {"retry_of": t.number, "artifact_id": t.user_attrs.get("artifact_id", t.number)}
-    if t.user_attrs.get("baseline"):
-        attrs["baseline"] = t.user_attrs["baseline"]
+    for key in ("baseline", CONFIRM_ATTR):  # what the plan reads besides the parameters
+        if t.user_attrs.get(key):
+            attrs[key] = t.user_attrs[key]
     study.enqueue_trial(dict(t.params), user_attrs=attrs)
     return True
 
@@ -375,15 +377,19 @@ def count_trials(study: optuna.Study) -> dict[str, int]:
     duplicates = sum(1 for t in decided if t.user_attrs.get(OUTCOME_ATTR) == Outcome.DUPLICATE)
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
+    # confirmation trials (fresh seeds of the finalists) trained or training: not the search's budget
+    confirming = sum(1 for t in trials if t.user_attrs.get(CONFIRM_ATTR) and (
+        t.state == TrialState.RUNNING or (t.state.is_finished() and t.user_attrs.get(FINAL_ATTR)
+                                          and t.user_attrs.get(OUTCOME_ATTR) != Outcome.DUPLICATE)))
     return {"finished": len(decided) - failed, "failed": failed, "decided": len(decided), "duplicates": duplicates,
-            "running": running, "waiting": waiting, "total": len(trials)}
+            "running": running, "waiting": waiting, "confirmation": confirming, "total": len(trials)}
 
 
 def budget_used(counts: dict[str, int]) -> int:
     """Trials that count toward ``n_trials``: decided ones (failed included, so that a search
     whose trials fail still ends) and running ones, but not duplicates, which cost nothing and
-    bring no new information."""
-    return counts["decided"] - counts["duplicates"] + counts["running"]
+    bring no new information, nor confirmation trials, which come after the search."""
+    return counts["decided"] - counts["duplicates"] + counts["running"] - counts.get("confirmation", 0)
 
 
 MAX_REPEATS = 50  # consecutive answers without training (duplicates, invalid) before a search gives up
@@ -395,6 +401,7 @@ def tried_configs(study: optuna.Study) -> int:
     seen = set()
     for t in study.get_trials(deepcopy=False):
         if (t.state.is_finished() and t.user_attrs.get(FINAL_ATTR) and not t.user_attrs.get("baseline")
+                and not t.user_attrs.get(CONFIRM_ATTR)
                 and t.user_attrs.get(OUTCOME_ATTR) in (Outcome.COMPLETE, Outcome.PRUNED, Outcome.FAIL)):
             seen.add(t.user_attrs.get("config_hash"))
     return len(seen)

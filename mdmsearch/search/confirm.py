@@ -1,0 +1,225 @@
+"""Intensification: the search confirms its own winner on fresh seeds.
+
+A search picks the minimum of many noisy numbers; one seed's "better" says nothing about a
+structure (docs/comparisons.md).  Once the search has its ``n_trials``, the candidates are
+frozen (:func:`select`, stored on the study):
+
+* the **incumbent**: the searched configuration with the lowest mean validation BPD;
+* the **baseline**: the best baseline configuration;
+* the **challengers**: the next ``confirm.top_k - 1`` searched configurations.
+
+Then rounds: round r trains every candidate still racing on the fresh seed
+``seed_start + r - 1``, as ordinary trials of the same study (claimed, resumed, recovered and
+run by any executor; deduplicated by configuration and seed; not counted toward ``n_trials``).
+After each round (from ``min_seeds`` on), on the **validation split of the fresh seeds only**:
+a challenger decided worse than the incumbent drops out, and the confirmation ends once the
+incumbent's structure verdict against the baseline is decided and no challenger is left
+undecided, or after ``confirm.seeds`` rounds.  The winner is the incumbent, unless a challenger
+was decided better than it.  The margin reported for the winner (:func:`result`) comes from
+the fresh seeds alone, which took no part in selecting it, on the test split.
+The test split steers nothing: selection and decisions read validation values only.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from enum import Enum
+from typing import Optional
+
+import optuna
+from optuna.trial import TrialState
+
+from ..compare import TIE, compare_structures, read_runs
+from .plan import suggest_plan
+from .spec import SearchSpec
+from .study import CONFIRM_ATTR, FINAL_ATTR, OUTCOME_ATTR, Outcome
+
+log = logging.getLogger(__name__)
+
+# CONFIRM_ATTR (study.py): trial attr of a confirmation trial, {"group", "role", "seed", "round"}
+PLAN_ATTR = "confirm_plan"  # study attr: the frozen candidates
+RESULT_ATTR = "confirmation"  # study attr: the outcome, once the confirmation has ended
+DECISION_SPLIT = "val"  # what decides (never the test split)
+REPORT_SPLIT = "test"  # what the winner's selection-free margin is reported on
+
+
+class Step(str, Enum):
+    """What a worker does next once the search has its trials."""
+
+    CLAIM = "claim"  # confirmation trials are waiting
+    WAIT = "wait"  # this round's trials are still running elsewhere
+    DONE = "done"  # nothing to confirm, or confirmed
+
+
+def is_confirmation(t) -> bool:
+    return bool(t.user_attrs.get(CONFIRM_ATTR))
+
+
+def plan_overrides(spec: SearchSpec, user_attrs: dict) -> dict:
+    """``suggest_plan`` keywords of a confirmation trial: its fresh seed and evaluation strata."""
+    info = user_attrs.get(CONFIRM_ATTR)
+    return {"seed": int(info["seed"]), "test_n_t": spec.confirm.test_n_t} if info else {}
+
+
+def _trained(study: optuna.Study, confirmation: bool) -> list:
+    """Decided trials that trained to completion (no duplicates), of the search or the confirmation."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if t.user_attrs.get(FINAL_ATTR) and t.user_attrs.get(OUTCOME_ATTR) == Outcome.COMPLETE and t.values
+            and t.user_attrs.get("config_group") and is_confirmation(t) == confirmation]
+
+
+def _label(spec: SearchSpec, t) -> str:
+    return suggest_plan(optuna.trial.FixedTrial(dict(t.params), number=t.number), spec,
+                        baseline=t.user_attrs.get("baseline"), **plan_overrides(spec, t.user_attrs)).label()
+
+
+def select(study: optuna.Study, spec: SearchSpec) -> Optional[dict]:
+    """The candidates, by mean validation BPD over the search's seeds; None without a completed
+    searched configuration and a completed baseline."""
+    groups: dict[str, list] = {}
+    for t in _trained(study, confirmation=False):
+        groups.setdefault(t.user_attrs["config_group"], []).append(t)
+    ranked = sorted(groups.items(), key=lambda kv: (sum(t.values[0] for t in kv[1]) / len(kv[1]), kv[0]))
+    searched = [(g, ts) for g, ts in ranked if not ts[0].user_attrs.get("baseline")]
+    baselines = [(g, ts) for g, ts in ranked if ts[0].user_attrs.get("baseline")]
+    if not searched or not baselines:
+        return None
+
+    def candidate(role: str, group: str, trials: list) -> dict:
+        first = trials[0]
+        return {"group": group, "role": role, "label": _label(spec, first), "baseline": first.user_attrs.get("baseline"),
+                "params": {k: v for k, v in first.params.items() if k != "seed"},
+                "search_trials": sorted(t.number for t in trials),
+                "search_val": sum(t.values[0] for t in trials) / len(trials)}
+
+    cands = [candidate("incumbent", *searched[0]), candidate("baseline", *baselines[0])]
+    cands += [candidate("challenger", g, ts) for g, ts in searched[1:spec.confirm.top_k]]
+    return {"candidates": cands}
+
+
+def fresh_runs(study: optuna.Study) -> dict[str, list[tuple[int, str]]]:
+    """{config group: [(fresh seed, artifact dir)]} of the completed confirmation trials."""
+    runs: dict[str, list] = {}
+    for t in _trained(study, confirmation=True):
+        runs.setdefault(t.user_attrs["config_group"], []).append(
+            (int(t.user_attrs[CONFIRM_ATTR]["seed"]), t.user_attrs["artifact_dir"]))
+    return runs
+
+
+def standings(plan: dict, study: optuna.Study, split: str) -> dict:
+    """Each challenger against the incumbent and the incumbent against the baseline, on the
+    fresh seeds' ``split``: {"vs_baseline": comparison, "challengers": {group: comparison}}."""
+    runs = {g: read_runs(members, split=split) for g, members in fresh_runs(study).items()}
+    by_role = {c["role"]: c for c in plan["candidates"] if c["role"] != "challenger"}
+    inc, base = runs.get(by_role["incumbent"]["group"], {}), runs.get(by_role["baseline"]["group"], {})
+    challengers = {c["group"]: compare_structures(runs.get(c["group"], {}), inc)
+                   for c in plan["candidates"] if c["role"] == "challenger"}
+    return {"vs_baseline": compare_structures(inc, base), "challengers": challengers}
+
+
+def _active(plan: dict, done: dict) -> list[dict]:
+    """Candidates still racing: every one but the challengers decided worse than the incumbent."""
+    return [c for c in plan["candidates"]
+            if c["role"] != "challenger" or not (done["challengers"].get(c["group"])
+                                                  and done["challengers"][c["group"]].verdict == "worse")]
+
+
+def _settled(plan: dict, done: dict) -> bool:
+    """The incumbent's verdict against the baseline is decided (better or worse), and every
+    challenger is decided either way."""
+    vs = done["vs_baseline"]
+    if vs is None or not vs.decided or vs.verdict == TIE:
+        return False
+    return all(c is not None and c.decided and c.verdict != TIE for c in done["challengers"].values())
+
+
+def finished(study: optuna.Study, spec: SearchSpec) -> bool:
+    """Nothing (more) to confirm."""
+    return not spec.confirm.seeds or bool(study.user_attrs.get(RESULT_ATTR))
+
+
+def next_step(study: optuna.Study, spec: SearchSpec) -> Step:
+    """Called under the study lock once the search has its trials: enqueue the next round if
+    the last one is decided and the race goes on.  Returns what the worker does next."""
+    if finished(study, spec):
+        return Step.DONE
+    plan = study.user_attrs.get(PLAN_ATTR)
+    if plan is None:
+        plan = select(study, spec)
+        if plan is None:
+            _finish(study, spec, None, "no completed searched configuration and baseline to confirm", 0)
+            return Step.DONE
+        study.set_user_attr(PLAN_ATTR, plan)
+        log.info("confirming on fresh seeds: %s", "; ".join(f"{c['role']} {c['label']}" for c in plan["candidates"]))
+    mine = [t for t in study.get_trials(deepcopy=False) if is_confirmation(t)]
+    if any(t.state == TrialState.WAITING for t in mine):
+        return Step.CLAIM
+    if any(t.state == TrialState.RUNNING for t in mine):
+        return Step.WAIT
+    rounds = max((int(t.user_attrs[CONFIRM_ATTR]["round"]) for t in mine), default=0)
+    done = standings(plan, study, DECISION_SPLIT)
+    if rounds >= spec.confirm.seeds or (rounds >= spec.confirm.min_seeds and _settled(plan, done)):
+        _finish(study, spec, plan, None, rounds)
+        return Step.DONE
+    _enqueue_round(study, spec, _active(plan, done), rounds + 1, mine)
+    return Step.CLAIM
+
+
+def _enqueue_round(study: optuna.Study, spec: SearchSpec, active: list[dict], round_: int, mine: list) -> None:
+    seed = spec.confirm.seed_start + round_ - 1
+    have = {(t.user_attrs[CONFIRM_ATTR]["group"], int(t.user_attrs[CONFIRM_ATTR]["seed"])) for t in mine
+            if t.state != TrialState.FAIL or t.user_attrs.get(FINAL_ATTR)}  # (a dead worker's try is retried)
+    for c in active:
+        if (c["group"], seed) in have:
+            continue
+        attrs = {CONFIRM_ATTR: {"group": c["group"], "role": c["role"], "seed": seed, "round": round_}}
+        if c["baseline"]:
+            attrs["baseline"] = c["baseline"]
+        study.enqueue_trial(dict(c["params"]), user_attrs=attrs)
+    log.info("confirmation round %d: %d configuration(s) on fresh seed %d", round_, len(active), seed)
+
+
+def _finish(study: optuna.Study, spec: SearchSpec, plan: Optional[dict], why: Optional[str], rounds: int) -> None:
+    info = {"done": True, "rounds": rounds, "reason": why}
+    if plan is not None:
+        info.update(result(plan, study, spec))
+    study.set_user_attr(RESULT_ATTR, info)
+    log.info("confirmation: %s", describe(info))
+
+
+def result(plan: dict, study: optuna.Study, spec: SearchSpec) -> dict:
+    """The winner, the fresh seeds behind it, and its selection-free margin to the baseline
+    (the test split of the fresh seeds); the decisions' validation comparisons beside it."""
+    val = standings(plan, study, DECISION_SPLIT)
+    by_group = {c["group"]: c for c in plan["candidates"]}
+    winner = next(c for c in plan["candidates"] if c["role"] == "incumbent")
+    better = [g for g, c in val["challengers"].items() if c is not None and c.verdict == "better"]
+    if better:  # decided better than the incumbent on fresh seeds: the lowest of those
+        winner = by_group[min(better, key=lambda g: val["challengers"][g].diff)]
+    baseline = next(c for c in plan["candidates"] if c["role"] == "baseline")
+    runs = {g: read_runs(m, split=REPORT_SPLIT) for g, m in fresh_runs(study).items()}
+    margin = compare_structures(runs.get(winner["group"], {}), runs.get(baseline["group"], {}))
+    seeds = sorted({s for s, _ in fresh_runs(study).get(winner["group"], [])})
+    return {"winner": {k: winner[k] for k in ("group", "role", "label", "search_trials")},
+            "baseline": {k: baseline[k] for k in ("group", "label")}, "fresh_seeds": seeds,
+            "vs_baseline": margin.as_dict() if margin else None,
+            "vs_baseline_val": val["vs_baseline"].as_dict() if val["vs_baseline"] else None,
+            "challengers": {by_group[g]["label"]: (c.as_dict() if c else None) for g, c in val["challengers"].items()}}
+
+
+def describe(info: dict) -> str:
+    """One line: the confirmed winner and its margin, or why nothing was confirmed."""
+    if not info.get("winner"):
+        return f"nothing confirmed ({info.get('reason')})"
+    vs, seeds = info.get("vs_baseline"), info.get("fresh_seeds") or []
+    head = f"{info['winner']['label']} ({info['winner']['role']}) vs {info['baseline']['label']}"
+    if not vs:
+        return f"{head}: no fresh-seed results"
+    se = f" ± {vs['se']:.4f}" if vs.get("se") is not None and math.isfinite(vs["se"]) else ""
+    return (f"{head} on fresh seeds {seeds} ({REPORT_SPLIT} split): {vs['diff']:+.4f}{se} bpd, "
+            f"P(better) {vs['p_better']:.2f}: {vs['verdict']}")
+
+
+__all__ = ["CONFIRM_ATTR", "PLAN_ATTR", "RESULT_ATTR", "Step", "describe", "finished", "is_confirmation",
+           "next_step", "plan_overrides", "result", "select", "standings"]
