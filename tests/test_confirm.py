@@ -52,8 +52,7 @@ def _complete(study, spec, trial, quality: dict, rng) -> str:
     art.mkdir(parents=True)
     pd.DataFrame({"split": ["val"] * N + ["test"] * N, "index": list(range(N)) * 2, "bpd": bpd}).to_parquet(
         art / PER_EXAMPLE_FILE)
-    for key, value in {"artifact_dir": str(art), "config_group": group, "outcome": "COMPLETE", FINAL_ATTR: True,
-                       "seed": plan.seed}.items():
+    for key, value in {"artifact_dir": str(art), "config_group": group, "outcome": "COMPLETE", FINAL_ATTR: True}.items():
         trial.set_user_attr(key, value)
     study.tell(trial, float(bpd[:N].mean()))
     return group
@@ -103,7 +102,7 @@ def test_the_confirmation_races_fresh_seeds_and_reports_a_selection_free_margin(
     # decided after min_seeds rounds: the incumbent is clearly better than VPSDE on validation
     assert seeds == {1000, 1001}
     for t in confirmations:  # ordinary trials of the study: the plan trained the fresh seed, finer evaluation
-        assert t.user_attrs["seed"] == t.user_attrs[CONFIRM_ATTR]["seed"] and "seed" not in t.params
+        assert "seed" not in t.params
         assert t.user_attrs["config_group"] == t.user_attrs[CONFIRM_ATTR]["group"]  # one configuration
         plan_t = suggest_plan(t, spec, baseline=t.user_attrs.get("baseline"), **plan_overrides(spec, t.user_attrs))
         assert plan_t.run_config(spec).train.test_n_t == 64 and plan_t.run_config(spec).train.seed in (1000, 1001)
@@ -208,3 +207,48 @@ def test_a_tiny_search_confirms_its_winner(tmp_path):
     assert set(fresh["config_group"]) <= set(df[df["seed"] == 0]["config_group"])  # the same configurations
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert again.returncode == 0 and len(pd.read_parquet(tmp_path / "studies" / "leaderboard")) == len(df)
+
+
+@pytest.mark.slow
+def test_confirm_after_the_fact_and_at_a_larger_budget(tmp_path):
+    """`mdmsearch confirm` on a study searched without confirmation: its winner, best baseline
+    and runner-up on fresh seeds in the same study; with --steps, a confirmation-only study of
+    the same candidates at another budget, and whether the ranking holds."""
+    spec = {"study": "af", "data": {"name": "digits"}, "model": {"name": "unet", "size": "tiny"},
+            "budget": {"steps": 10, "eval_every": 10, "eval_examples": 32, "batch_size": 16, "n_samples": 0,
+                       "test_n_t": 2},
+            "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"},
+            "structure": {"n_aux": [1, 2], "q_patterns": ["full", "chain"], "d_patterns": ["full"]},
+            "hyper": {"process_lr": 0.01, "gamma": 0.04, "time_sampler": ["vp"]},
+            "baselines": ["vpsde"], "n_trials": 3, "workers": 1}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    studies = str(tmp_path / "studies")
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mdmsearch.cli", *args, "--studies-dir", studies],
+                              capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
+
+    assert cli("run", str(path)).returncode == 0
+    res = cli("confirm", "af", "--seeds", "2", "--top", "2", "--format", "json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads(res.stdout)
+    assert info["study"] == "af" and info["result"]["fresh_seeds"] == [1000, 1001]
+    roles = [r["role"] for r in info["ranking"]["candidates"]]
+    assert roles[:2] == ["incumbent", "baseline"] and all(r["fresh_seeds"] == 2 for r in info["ranking"]["candidates"]
+                                                         if r["role"] != "challenger")
+    study = optuna.load_study(study_name="af", storage=make_storage(f"journal:{tmp_path / 'studies/af/journal.log'}"))
+    assert count_trials(study)["confirmation"] >= 4 and budget_used(count_trials(study)) == 3  # the search: unchanged
+    res = cli("confirm", "af", "--seeds", "2", "--steps", "20")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.startswith("study af.steps20 (20 steps): ") and "Kendall tau" in res.stdout
+    assert "the search's winner is still the best searched configuration: " in res.stdout
+    derived = optuna.load_study(study_name="af.steps20",
+                                storage=make_storage(f"journal:{tmp_path / 'studies/af.steps20/journal.log'}"))
+    assert all(t.user_attrs.get(CONFIRM_ATTR) for t in derived.trials)  # no search there: fresh seeds only
+    assert {t.user_attrs[CONFIRM_ATTR]["seed"] for t in derived.trials} == {1000, 1001}
+    df = pd.read_parquet(tmp_path / "studies" / "leaderboard" / "dataset=digits" / "study=af.steps20")
+    assert (df["steps"] == 20).all() and len(df) == len(derived.trials)
+    bad = cli("confirm", "nope", "--seeds", "2")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

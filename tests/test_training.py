@@ -262,3 +262,33 @@ def test_learned_process_config_can_start_at_a_preset():
                         ({"name": "cld", "init": "cld"}, "learned processes only")]:
         with pytest.raises(ConfigError, match=needle):
             parse_run_config({"process": {"name": "learned", "n_aux": 1, **bad}})
+
+
+def test_progress_is_a_few_log_lines_when_stderr_is_a_file(tmp_path):
+    """A `train` whose stderr is a file (a search worker, CI) writes one plain line per tenth
+    of the run, not a bar redrawn at every step (which wrote ~2000 carriage returns per run)."""
+    import os
+    import subprocess
+    import sys
+
+    log = tmp_path / "train.log"
+    with open(log, "w") as fh:
+        res = subprocess.run([sys.executable, "-m", "mdmsearch.cli", "train", "--dataset", "gaussian", "--steps", "200",
+                              "--eval-every", "200", "--n-samples", "0", "--out", str(tmp_path / "run")],
+                             stderr=fh, stdout=subprocess.PIPE, text=True, timeout=600,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, log.read_text()[-2000:]
+    text = log.read_text()
+    lines = [ln for ln in text.splitlines() if "train: step" in ln]
+    assert "\r" not in text and 10 <= len(lines) <= 12, lines
+    assert "train: step 200/200 (100%)" in lines[-1] and "ETA" in lines[0]
+
+
+def test_progress_on_a_terminal_is_a_bar():
+    from mdmsearch.training.progress import StepProgress
+
+    bar = StepProgress(5, tty=True)
+    for _ in range(5):
+        bar.update(1.0, 2.0)
+    assert bar._bar is not None and bar._bar.n == 5
+    bar.close()

@@ -1,4 +1,4 @@
-"""`mdmsearch run | status | leaderboard` sub-commands."""
+"""`mdmsearch run | status | confirm | rebuild | leaderboard` sub-commands."""
 
 from __future__ import annotations
 
@@ -41,6 +41,23 @@ def add_search_commands(sub) -> None:
     p.add_argument("--storage", default=None, help="storage URL if not the study's journal file (as given to run)")
     p.add_argument("--leaderboard-dir", default=None, help="leaderboard tree (default: STUDIES_DIR/leaderboard)")
     p.set_defaults(func=_cmd_rebuild)
+
+    p = sub.add_parser("confirm", help="train a finished study's winner, best baseline and runners-up on fresh seeds")
+    p.add_argument("study", help="study name (the spec's `study:`)")
+    p.add_argument("--top", type=int, default=2, help="searched configurations confirmed: the winner and the next "
+                                                      "best (default: 2)")
+    p.add_argument("--seeds", type=int, default=3, help="fresh seeds at most per configuration (default: 3; >= 2)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="training steps of the confirmation (default: the study's budget; another value trains "
+                        "the candidates anew in the study STUDY.stepsS and says whether the ranking holds)")
+    p.add_argument("--test-n-t", type=int, default=None,
+                   help="strata of the confirmation trials' final evaluation (default: the study's budget.test_n_t)")
+    p.add_argument("--workers", type=int, default=None, help="worker processes on this machine (default: the spec's)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local", help="local processes or Ray Tune")
+    p.add_argument("--studies-dir", default="studies", help="where studies live (default: studies/)")
+    p.add_argument("--storage", default=None, help="storage URL if not the study's journal file (as given to run)")
+    p.add_argument("--format", choices=["text", "json"], default="text", help="text lines or one JSON object")
+    p.set_defaults(func=_cmd_confirm)
 
     p = sub.add_parser("leaderboard", help="top structures per dataset from the Parquet leaderboard")
     p.add_argument("--dataset", default=None, help="one dataset (default: all)")
@@ -122,6 +139,53 @@ def _existing_study(args: argparse.Namespace):
         raise MDMError(f"no study {args.study!r} in {url}") from None
 
 
+def _cmd_confirm(args: argparse.Namespace) -> int:
+    """Confirm a study's winner after the fact (see :func:`mdmsearch.search.confirm.prepare`)."""
+    import optuna
+
+    from .confirm import RESULT_ATTR, describe, prepare, rank_agreement
+    from .rebuild import spec_of
+    from .study import make_storage, storage_url
+
+    if args.seeds < 2 or min(args.top, args.steps or 1, args.workers or 1, args.test_n_t or 1) < 1:
+        raise MDMError("confirm: --seeds must be >= 2; --top, --steps, --test-n-t and --workers >= 1")
+    study = _existing_study(args)
+    spec = spec_of(study, args.studies_dir).model_copy(update={"storage": args.storage, "executor": args.executor})
+    spec.confirm.test_n_t = args.test_n_t
+    if args.workers:
+        spec = spec.model_copy(update={"workers": args.workers})
+    spec = prepare(spec, study, top_k=args.top, seeds=args.seeds, steps=args.steps)
+    if spec.executor == "ray":
+        from .ray_executor import run_ray
+
+        counts = run_ray(spec)
+    else:
+        from .runner import run_local
+
+        counts = run_local(spec)
+    confirmed = optuna.load_study(study_name=spec.study, storage=make_storage(storage_url(spec)))
+    info = {"study": spec.study, "steps": spec.budget.steps, "result": confirmed.user_attrs.get(RESULT_ATTR),
+            "ranking": rank_agreement(confirmed), "counts": counts}
+    if args.format == "json":
+        sys.stdout.write(json.dumps(info) + "\n")
+    else:
+        sys.stdout.write("\n".join(_confirm_lines(info, describe)) + "\n")
+    return 1 if counts.get("failed") else 0
+
+
+def _confirm_lines(info: dict, describe) -> list[str]:
+    rank = info["ranking"]
+    lines = [f"study {info['study']} ({info['steps']} steps): {describe(info['result'] or {})}"]
+    for r in rank["candidates"]:
+        fresh = f"{r['fresh_val']:.4f} over {r['fresh_seeds']} fresh seed(s)" if r["fresh_val"] is not None else "—"
+        lines.append(f"  {r['role']:<10} {r['label']}: search {r['search_val']:.4f}, fresh {fresh}")
+    tau = rank["kendall_tau"]
+    lines.append(f"ranking on fresh seeds vs the search's: Kendall tau {tau:.2f}" if tau is not None else
+                 "ranking: fewer than two candidates with fresh results")
+    lines.append(f"the search's winner is still the best searched configuration: {'yes' if rank['incumbent_first'] else 'no'}")
+    return lines
+
+
 def _cmd_rebuild(args: argparse.Namespace) -> int:
     from .rebuild import rebuild, spec_of
 
@@ -134,6 +198,7 @@ def _cmd_rebuild(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     study = _existing_study(args)
     info = study_status(study)
+    info["structure"] = structure_status(study, args.studies_dir)
     if args.format == "json":
         sys.stdout.write(json.dumps(info) + "\n")
     else:
@@ -177,6 +242,29 @@ def study_status(study) -> dict:
     return info
 
 
+def structure_status(study, studies_dir: str) -> Optional[dict]:
+    """The best searched structure's verdict against the best baseline, over the seeds in the
+    study's leaderboard rows (None without readable rows or without both)."""
+    from ..leaderboard import ranked, read_files
+    from .rebuild import spec_of
+
+    try:
+        spec = spec_of(study, studies_dir)
+        part = spec.leaderboard_root / f"dataset={spec.data.name}" / f"study={study.study_name}"
+        rows = read_files(part, spec.leaderboard_root)
+    except MDMError:
+        return None
+    rows["dataset"] = spec.data.name
+    view = ranked(rows)
+    learned = view[view["baseline"].isna()] if not view.empty else view
+    if learned.empty or learned.iloc[0]["verdict"] is None:
+        return None
+    best = learned.iloc[0]
+    se = best["vs_baseline_se"]
+    return {"label": best["label"], "seeds": int(best["n"]), "vs_baseline": float(best["vs_baseline"]),
+            "se": None if se != se else float(se), "p_better": float(best["p_better"]), "verdict": best["verdict"]}
+
+
 def confirmation_status(study) -> Optional[dict]:
     """The confirmation on fresh seeds: its result once ended, else the round it is in."""
     from .confirm import CONFIRM_ATTR, PLAN_ATTR, RESULT_ATTR, describe
@@ -202,6 +290,12 @@ def _status_lines(info: dict) -> list[str]:
     if info["best"]:
         b = info["best"]
         lines.append(f"best so far: trial {b['trial']} val_bpd={b['val_bpd']:.4f} ({b['label']})")
+    st = info.get("structure")
+    if st:
+        se = f" ± {st['se']:.4f}" if st["se"] is not None else ""
+        lines.append(f"best structure vs best baseline ({st['seeds']} seed{'s' if st['seeds'] != 1 else ''}): "
+                     f"{st['vs_baseline']:+.4f}{se} bpd, P(better) {st['p_better']:.2f}: {st['verdict']} "
+                     f"({st['label']})")
     if info["confirmation"]:
         lines.append(info["confirmation"]["line"])
     if info["mean_trial_seconds"] is not None:
@@ -221,8 +315,8 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     view = ranked(df)
     if view.empty:
         raise MDMError("no completed trials in the leaderboard yet")
-    cols = ["label", "val_bpd", "val_std", "test_bpd", "n", "vs_baseline", "vs_baseline_se", "verdict", "steps",
-            "train_seconds", "studies", "trials"]
+    cols = ["label", "val_bpd", "val_std", "test_bpd", "n", "vs_baseline", "vs_baseline_se", "p_better", "verdict",
+            "steps", "train_seconds", "studies", "trials"]
     parts = [part.head(args.top) for _, part in view.groupby("dataset")]
     if args.format == "json":  # one JSON document (an array of records), whatever the number of datasets
         records = []

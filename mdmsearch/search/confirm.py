@@ -31,6 +31,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..compare import TIE, compare_structures, read_runs
+from ..errors import MDMError
 from .plan import suggest_plan
 from .spec import SearchSpec
 from .study import CONFIRM_ATTR, FINAL_ATTR, OUTCOME_ATTR, Outcome
@@ -62,24 +63,35 @@ def plan_overrides(spec: SearchSpec, user_attrs: dict) -> dict:
     return {"seed": int(info["seed"]), "test_n_t": spec.confirm.test_n_t} if info else {}
 
 
-def _trained(study: optuna.Study, confirmation: bool) -> list:
-    """Decided trials that trained to completion (no duplicates), of the search or the confirmation."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+def _trained(study: optuna.Study, spec: SearchSpec, confirmation: bool) -> list[tuple[str, optuna.trial.FrozenTrial]]:
+    """(config group, trial) of the decided trials that trained to completion (no duplicates),
+    of the search or of the confirmation."""
+    return [(group_of(spec, t), t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
             if t.user_attrs.get(FINAL_ATTR) and t.user_attrs.get(OUTCOME_ATTR) == Outcome.COMPLETE and t.values
-            and t.user_attrs.get("config_group") and is_confirmation(t) == confirmation]
+            and is_confirmation(t) == confirmation]
+
+
+def _plan_of(spec: SearchSpec, params: dict, baseline: Optional[str], user_attrs: Optional[dict] = None):
+    return suggest_plan(optuna.trial.FixedTrial(dict(params)), spec, baseline=baseline,
+                        **plan_overrides(spec, user_attrs or {}))
+
+
+def group_of(spec: SearchSpec, t) -> str:
+    """A trial's configuration up to the seed (recorded on it; recomputed for older studies)."""
+    return t.user_attrs.get("config_group") or _plan_of(spec, t.params, t.user_attrs.get("baseline"),
+                                                        t.user_attrs).config_hash(spec, with_seed=False)
 
 
 def _label(spec: SearchSpec, t) -> str:
-    return suggest_plan(optuna.trial.FixedTrial(dict(t.params), number=t.number), spec,
-                        baseline=t.user_attrs.get("baseline"), **plan_overrides(spec, t.user_attrs)).label()
+    return _plan_of(spec, t.params, t.user_attrs.get("baseline"), t.user_attrs).label()
 
 
 def select(study: optuna.Study, spec: SearchSpec) -> Optional[dict]:
     """The candidates, by mean validation BPD over the search's seeds; None without a completed
     searched configuration and a completed baseline."""
     groups: dict[str, list] = {}
-    for t in _trained(study, confirmation=False):
-        groups.setdefault(t.user_attrs["config_group"], []).append(t)
+    for group, t in _trained(study, spec, confirmation=False):
+        groups.setdefault(group, []).append(t)
     ranked = sorted(groups.items(), key=lambda kv: (sum(t.values[0] for t in kv[1]) / len(kv[1]), kv[0]))
     searched = [(g, ts) for g, ts in ranked if not ts[0].user_attrs.get("baseline")]
     baselines = [(g, ts) for g, ts in ranked if ts[0].user_attrs.get("baseline")]
@@ -99,11 +111,13 @@ def select(study: optuna.Study, spec: SearchSpec) -> Optional[dict]:
 
 
 def fresh_runs(study: optuna.Study) -> dict[str, list[tuple[int, str]]]:
-    """{config group: [(fresh seed, artifact dir)]} of the completed confirmation trials."""
+    """{config group: [(fresh seed, artifact dir)]} of the completed confirmation trials (the
+    group their plan was enqueued for)."""
     runs: dict[str, list] = {}
-    for t in _trained(study, confirmation=True):
-        runs.setdefault(t.user_attrs["config_group"], []).append(
-            (int(t.user_attrs[CONFIRM_ATTR]["seed"]), t.user_attrs["artifact_dir"]))
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        info = t.user_attrs.get(CONFIRM_ATTR)
+        if info and t.user_attrs.get(OUTCOME_ATTR) == Outcome.COMPLETE and t.user_attrs.get("artifact_dir"):
+            runs.setdefault(info["group"], []).append((int(info["seed"]), t.user_attrs["artifact_dir"]))
     return runs
 
 
@@ -221,5 +235,75 @@ def describe(info: dict) -> str:
             f"P(better) {vs['p_better']:.2f}: {vs['verdict']}")
 
 
-__all__ = ["CONFIRM_ATTR", "PLAN_ATTR", "RESULT_ATTR", "Step", "describe", "finished", "is_confirmation",
-           "next_step", "plan_overrides", "result", "select", "standings"]
+
+
+# ---------------------------------------------------------------------- after the fact: `mdmsearch confirm`
+def prepare(spec: SearchSpec, study: optuna.Study, *, top_k: int, seeds: int,
+            steps: Optional[int] = None) -> SearchSpec:
+    """The spec whose run confirms ``study``'s winner on ``seeds`` fresh seeds: the study itself
+    at its own budget (its candidates, or those an earlier confirmation froze, race on), or, at
+    another budget ``steps``, a confirmation-only study ``<study>.steps<S>`` of the same
+    candidates (each configuration trained anew at S steps)."""
+    from .spec import ConfirmSpec
+    from .study import CONFIRM_ONLY_ATTR, budget_used, count_trials, open_study
+
+    conf = ConfirmSpec(seeds=seeds, min_seeds=min(2, seeds), top_k=top_k, seed_start=spec.confirm.seed_start,
+                       test_n_t=spec.confirm.test_n_t)
+    plan = study.user_attrs.get(PLAN_ATTR) or select(study, spec.model_copy(update={"confirm": conf}))
+    if plan is None:
+        raise MDMError(f"study {study.study_name!r} has no completed searched configuration and baseline to confirm")
+    if steps is None or steps == spec.budget.steps:
+        challengers = sum(c["role"] == "challenger" for c in plan["candidates"])
+        if study.user_attrs.get(PLAN_ATTR) and challengers != top_k - 1:
+            log.warning("the %d candidates an earlier confirmation chose are kept (--top %d does not change them)",
+                        len(plan["candidates"]), top_k)
+        study.set_user_attr(PLAN_ATTR, plan)
+        _reopen(study)
+        return spec.model_copy(update={"confirm": conf, "n_trials": max(1, budget_used(count_trials(study)))})
+    budget = spec.budget.model_copy(update={"steps": steps, "eval_every": min(spec.budget.eval_every, steps)})
+    derived = spec.model_copy(update={"study": f"{spec.study}.steps{steps}", "budget": budget, "baselines": [],
+                                      "n_trials": 1, "confirm": conf})
+    dstudy = open_study(derived)
+    dstudy.set_user_attr(CONFIRM_ONLY_ATTR, {"of": spec.study, "steps": steps})
+    if not dstudy.user_attrs.get(PLAN_ATTR):
+        moved = [{**c, "group": _plan_of(derived, c["params"], c["baseline"]).config_hash(derived, with_seed=False)}
+                 for c in plan["candidates"]]
+        dstudy.set_user_attr(PLAN_ATTR, {"candidates": moved, "from_study": spec.study})
+    _reopen(dstudy)
+    return derived
+
+
+def _reopen(study: optuna.Study) -> None:
+    """More seeds than an ended confirmation had: it goes on from where it stopped."""
+    if study.user_attrs.get(RESULT_ATTR):
+        study.set_user_attr(RESULT_ATTR, {})
+
+
+def rank_agreement(study: optuna.Study) -> dict:
+    """Whether the search's ranking of the candidates (their validation BPD on the search's
+    seeds and budget) holds on the fresh seeds (mean validation BPD of the confirmation
+    trials): Kendall's tau over the candidates with results, and whether the incumbent stays first."""
+    from scipy.stats import kendalltau
+
+    plan = study.user_attrs.get(PLAN_ATTR) or {"candidates": []}
+    values: dict[str, list[float]] = {}
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        info = t.user_attrs.get(CONFIRM_ATTR)
+        if info and t.user_attrs.get(OUTCOME_ATTR) == Outcome.COMPLETE and t.values:
+            values.setdefault(info["group"], []).append(float(t.values[0]))
+    rows = [{"label": c["label"], "role": c["role"], "search_val": c["search_val"],
+             "fresh_val": sum(values[c["group"]]) / len(values[c["group"]]) if c["group"] in values else None,
+             "fresh_seeds": len(values.get(c["group"], []))} for c in plan["candidates"]]
+    ranked = [r for r in rows if r["fresh_val"] is not None]
+    tau = float(kendalltau([r["search_val"] for r in ranked], [r["fresh_val"] for r in ranked]).statistic) \
+        if len(ranked) >= 2 else math.nan
+    first = min(ranked, key=lambda r: r["fresh_val"]) if ranked else None
+    searched = [r for r in ranked if r["role"] != "baseline"]
+    best_searched = min(searched, key=lambda r: r["fresh_val"]) if searched else None
+    return {"candidates": rows, "kendall_tau": None if math.isnan(tau) else tau,
+            "incumbent_first": bool(best_searched and best_searched["role"] == "incumbent"),
+            "first_overall": first["label"] if first else None}
+
+
+__all__ = ["CONFIRM_ATTR", "PLAN_ATTR", "RESULT_ATTR", "Step", "describe", "finished", "group_of", "is_confirmation",
+           "next_step", "plan_overrides", "prepare", "rank_agreement", "result", "select", "standings"]

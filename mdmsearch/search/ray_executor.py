@@ -34,7 +34,7 @@ from .confirm import finished as confirm_finished
 from .lifecycle import Deadline, artifact_dir, claim, recover
 from .space import finite_size
 from .spec import SearchSpec
-from .study import (HeldClaims, count_trials, make_storage, open_study, record_run, stop_reason, storage_url,
+from .study import (CONFIRM_ONLY_ATTR, HeldClaims, count_trials, make_storage, open_study, record_run, stop_reason, storage_url,
                     study_lock, tried_configs)
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,8 @@ def _done(study: optuna.Study, spec: SearchSpec, size: Optional[int]) -> bool:
     """Whether the study has its ``n_trials`` (duplicates not counted) or has tried every
     configuration of a finite space, and has confirmed its winner if the spec asks for it."""
     counts = count_trials(study)
-    searched = counts["decided"] - counts["duplicates"] - counts["confirmation"] >= spec.n_trials
+    searched = (counts["decided"] - counts["duplicates"] - counts["confirmation"] >= spec.n_trials
+                or bool(study.user_attrs.get(CONFIRM_ONLY_ATTR)))
     return (searched or bool(size and tried_configs(study) >= size)) and confirm_finished(study, spec)
 
 

@@ -29,6 +29,7 @@ HEARTBEAT_SECONDS = 5.0
 STALE_SECONDS = 60.0
 FINAL_ATTR = "final"  # user attr set on every trial whose outcome is decided (counts as finished)
 CONFIRM_ATTR = "confirm"  # user attr of a confirmation trial (see confirm.py)
+CONFIRM_ONLY_ATTR = "confirm_only"  # study attr of a study that only confirms another's winner (no search)
 
 
 def storage_url(spec: SearchSpec) -> str:
@@ -410,7 +411,10 @@ def tried_configs(study: optuna.Study) -> int:
 def stop_reason(study: optuna.Study, spec: SearchSpec, counts: dict[str, int], space_size: Optional[int],
                 repeats: int = 0) -> Optional[str]:
     """Why no new trial should start, or None: n_trials reached (duplicates not counted), the
-    finite space exhausted at this budget, or the sampler only repeating itself."""
+    finite space exhausted at this budget, or the sampler only repeating itself; a study that
+    only confirms another's winner never searches."""
+    if study.user_attrs.get(CONFIRM_ONLY_ATTR):
+        return f"a confirmation of study {study.user_attrs[CONFIRM_ONLY_ATTR]['of']}: nothing to search"
     if budget_used(counts) >= spec.n_trials:
         return f"n_trials={spec.n_trials} reached ({counts['duplicates']} duplicate(s) answered without training)"
     # (a space without any valid configuration runs on: its INVALID rows say why)

@@ -36,6 +36,7 @@ from .checkpoint import (UNREADABLE, atomic_write_json, atomic_write_text, load_
                          write_parquet_atomic)
 from .ema import EMA
 from .evaluate import data_moments, evaluate_bpd, prepare_batch
+from .progress import StepProgress
 
 log = logging.getLogger(__name__)
 
@@ -345,8 +346,7 @@ class Trainer:
             # smoothed training loss (nats/dim), checkpointed so a resumed curve continues
             self.running_loss = loss if self.running_loss is None else 0.98 * self.running_loss + 0.02 * loss
             if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{self.running_loss:.4f}", val_bpd=f"{self.best_val:.4f}")
+                bar.update(self.running_loss, self.best_val)
             if self.step % tc.eval_every == 0 or self.step == tc.steps:
                 self._eval_and_checkpoint(self.running_loss)
         if bar is not None:
@@ -467,9 +467,6 @@ def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def _progress(tc, initial: int):
-    if not tc.progress:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=tc.steps, initial=initial, desc="train", leave=False, dynamic_ncols=True)
+def _progress(tc, initial: int) -> Optional[StepProgress]:
+    """A live bar on a terminal, a log line per tenth of the run elsewhere; nothing without progress."""
+    return StepProgress(tc.steps, initial) if tc.progress else None
