@@ -115,7 +115,6 @@ def resolve_ref(ref: str, studies_dir: str | Path, storage) -> list[Run]:
     if Path(ref).is_dir():
         return [read_run(ref, Path(ref))]
     from .logs import route_optuna
-    from .search.lifecycle import ARTIFACT_ATTR
     from .search.promote import parse_trial_ref, resolve_trial
 
     expand = ref.endswith(SEEDS_SUFFIX)
@@ -127,7 +126,7 @@ def resolve_ref(ref: str, studies_dir: str | Path, storage) -> list[Run]:
                           f"+seeds), e.g. aux3/9 or aux3/best+seeds") from None
     route_optuna()
     trial = resolve_trial(base, studies_dir, storage, WHAT)
-    dirs = [Path(trial.user_attrs[ARTIFACT_ATTR])]
+    dirs = [Path(trial.artifact_dir)]
     if expand:
         dirs += group_dirs(ref, study_name, trial.number, studies_dir)
     return [read_run(ref, d) for d in dirs]

@@ -15,7 +15,10 @@ import yaml
 
 from mdmsearch.compare import PER_EXAMPLE_FILE
 from mdmsearch.search import confirm
-from mdmsearch.search.confirm import CONFIRM_ATTR, PLAN_ATTR, RESULT_ATTR, Step, next_step, plan_overrides
+from mdmsearch.search.confirm import Step, next_step, plan_overrides
+from mdmsearch.search.record import TrialRecord
+
+CONFIRM_ATTR, PLAN_ATTR, RESULT_ATTR = "confirm", "confirm_plan", "confirmation"  # (the stored keys)
 from mdmsearch.search.plan import baseline_params, suggest_plan
 from mdmsearch.search.spec import SearchSpec
 from mdmsearch.search.study import FINAL_ATTR, budget_used, count_trials, make_storage, stop_reason
@@ -43,7 +46,7 @@ def _study(spec) -> optuna.Study:
 def _complete(study, spec, trial, quality: dict, rng) -> str:
     """Train nothing: write what a trained trial leaves (per-example BPDs, attributes) and tell
     it.  ``quality(plan) -> (val shift, test shift)`` of the configuration; a seed adds a shift."""
-    plan = suggest_plan(trial, spec, baseline=trial.user_attrs.get("baseline"), **plan_overrides(spec, trial.user_attrs))
+    plan = suggest_plan(trial, spec, baseline=trial.user_attrs.get("baseline"), **plan_overrides(spec, TrialRecord.of(trial)))
     group = plan.config_hash(spec, with_seed=False)
     val_shift, test_shift = quality(plan)
     seed_effect = rng.normal(0, 0.002)
@@ -104,7 +107,7 @@ def test_the_confirmation_races_fresh_seeds_and_reports_a_selection_free_margin(
     for t in confirmations:  # ordinary trials of the study: the plan trained the fresh seed, finer evaluation
         assert "seed" not in t.params
         assert t.user_attrs["config_group"] == t.user_attrs[CONFIRM_ATTR]["group"]  # one configuration
-        plan_t = suggest_plan(t, spec, baseline=t.user_attrs.get("baseline"), **plan_overrides(spec, t.user_attrs))
+        plan_t = suggest_plan(t, spec, baseline=t.user_attrs.get("baseline"), **plan_overrides(spec, TrialRecord.of(t)))
         assert plan_t.run_config(spec).train.test_n_t == 64 and plan_t.run_config(spec).train.seed in (1000, 1001)
     # not counted toward n_trials, and the search would not start new trials
     counts = count_trials(study)
@@ -162,6 +165,16 @@ def test_a_tie_runs_to_the_seed_limit_and_a_worse_challenger_drops_out(tmp_path)
     assert res["vs_baseline_val"]["verdict"] == "tie within noise" and res["fresh_seeds"] == [1000, 1001, 1002, 1003]
 
 
+def test_baselines_and_confirmation_trials_are_never_pruned():
+    from mdmsearch.search.record import Confirmation
+    from mdmsearch.search.runner import prunable
+
+    base = TrialRecord(0, 0, None, {}, None, {}, None, None)
+    assert prunable(base)
+    assert not prunable(base.__class__(**{**base.__dict__, "baseline": "vpsde"}))
+    assert not prunable(base.__class__(**{**base.__dict__, "confirm": Confirmation("g", "incumbent", 1000, 1)}))
+
+
 def test_without_a_completed_baseline_nothing_is_confirmed(tmp_path):
     spec = _spec(tmp_path).model_copy(update={"baselines": []})
     study = optuna.create_study(study_name="c", storage=make_storage(f"journal:{tmp_path / 'j.log'}"))
@@ -185,7 +198,8 @@ def test_a_tiny_search_confirms_its_winner(tmp_path):
     spec = {"study": "tc", "data": {"name": "digits"}, "model": {"name": "unet", "size": "tiny"},
             "budget": {"steps": 20, "eval_every": 10, "eval_examples": 32, "batch_size": 16, "n_samples": 0,
                        "test_n_t": 2},
-            "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"},
+            "sampler": {"name": "random", "seed": 0},
+            "pruner": {"name": "median", "n_startup_trials": 1, "n_warmup_steps": 0},  # eager: confirmations exempt
             "structure": {"n_aux": [1, 2], "q_patterns": ["full", "chain"], "d_patterns": ["full"]},
             "baselines": ["vpsde"], "n_trials": 3, "workers": 2,
             "confirm": {"seeds": 2, "top_k": 2, "test_n_t": 4}}
@@ -203,7 +217,7 @@ def test_a_tiny_search_confirms_its_winner(tmp_path):
     assert "confirmation:" in res.stderr
     df = pd.read_parquet(tmp_path / "studies" / "leaderboard")
     fresh = df[df["seed"] >= 1000]
-    assert len(fresh) == counts["confirmation"] and (fresh["state"] == "COMPLETE").all()
+    assert len(fresh) == counts["confirmation"] and (fresh["state"] == "COMPLETE").all()  # never pruned
     assert set(fresh["config_group"]) <= set(df[df["seed"] == 0]["config_group"])  # the same configurations
     again = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)
     assert again.returncode == 0 and len(pd.read_parquet(tmp_path / "studies" / "leaderboard")) == len(df)

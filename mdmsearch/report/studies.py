@@ -10,6 +10,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
+from ..search.record import StudyKey, study_get
+
 log = logging.getLogger(__name__)
 
 MIN_COMPLETE_FOR_IMPORTANCE = 4
@@ -58,9 +60,8 @@ def load_study(studies_dir: str | Path, name: str) -> StudyInfo:
         info.note = f"cannot read study {name!r} from {path}: {type(exc).__name__}: {exc}"
         return info
     info.study = study
-    attrs = study.user_attrs
-    info.spec_hash = attrs.get("spec_hash")
-    created = attrs.get("created_at")
+    info.spec_hash = study_get(study, StudyKey.SPEC_HASH)
+    created = study_get(study, StudyKey.CREATED_AT)
     try:
         info.created_at = datetime.fromisoformat(created).astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     except (TypeError, ValueError):

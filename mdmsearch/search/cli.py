@@ -143,7 +143,8 @@ def _cmd_confirm(args: argparse.Namespace) -> int:
     """Confirm a study's winner after the fact (see :func:`mdmsearch.search.confirm.prepare`)."""
     import optuna
 
-    from .confirm import RESULT_ATTR, describe, prepare, rank_agreement
+    from .confirm import describe, prepare, rank_agreement
+    from .record import StudyKey, study_get
     from .rebuild import spec_of
     from .study import make_storage, storage_url
 
@@ -164,7 +165,7 @@ def _cmd_confirm(args: argparse.Namespace) -> int:
 
         counts = run_local(spec)
     confirmed = optuna.load_study(study_name=spec.study, storage=make_storage(storage_url(spec)))
-    info = {"study": spec.study, "steps": spec.budget.steps, "result": confirmed.user_attrs.get(RESULT_ATTR),
+    info = {"study": spec.study, "steps": spec.budget.steps, "result": study_get(confirmed, StudyKey.CONFIRMATION),
             "ranking": rank_agreement(confirmed), "counts": counts}
     if args.format == "json":
         sys.stdout.write(json.dumps(info) + "\n")
@@ -210,30 +211,30 @@ def study_status(study) -> dict:
     """Counts by state, decided trials with FAILs apart, the best trial, timing and ETA."""
     from optuna.trial import TrialState
 
-    from .study import FINAL_ATTR, OUTCOME_ATTR, Outcome, count_trials, failure_summary
+    from .record import StudyKey, records, study_get
+    from .study import budget_used, count_trials, failure_summary
 
-    trials = study.get_trials(deepcopy=False)
+    trials = records(study)
     by_state: dict[str, int] = {}
     for t in trials:  # mdmsearch's outcome (INVALID and DUPLICATE are told to Optuna as PRUNED/COMPLETE)
-        state = t.state.name
-        if t.state.is_finished():  # undecided finished trials were interrupted and re-queued
-            state = t.user_attrs.get(OUTCOME_ATTR, state) if t.user_attrs.get(FINAL_ATTR) else "INTERRUPTED"
-        by_state[state] = by_state.get(state, 0) + 1
+        by_state[t.shown_state] = by_state.get(t.shown_state, 0) + 1
     counts = count_trials(study)
     info = {"study": study.study_name, "trials": len(trials), "states": dict(sorted(by_state.items())),
             "finished": counts["finished"], "failed": counts["failed"], "running": counts["running"],
-            "duplicates": counts["duplicates"], "counted": counts["decided"] - counts["duplicates"],
-            "waiting": counts["waiting"], "target": study.user_attrs.get("n_trials"),
-            "workers": max(1, int(study.user_attrs.get("workers", 1))), "executor": study.user_attrs.get("executor"),
+            "duplicates": counts["duplicates"], "counted": budget_used(counts) - counts["running"],
+            "confirmation_trials": counts["confirmation"],
+            "waiting": counts["waiting"], "target": study_get(study, StudyKey.N_TRIALS),
+            "workers": max(1, int(study_get(study, StudyKey.WORKERS, 1))),
+            "executor": study_get(study, StudyKey.EXECUTOR),
             "failures": failure_summary(study) if counts["failed"] else None, "best": None,
             "mean_trial_seconds": None, "eta_seconds": None, "confirmation": confirmation_status(study)}
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
     if complete:
         best = min(complete, key=lambda t: t.values[0])
-        label = best.user_attrs.get("baseline") or f"learned {json.dumps(dict(best.params))}"
+        label = best.baseline or f"learned {json.dumps(dict(best.params))}"
         info["best"] = {"trial": best.number, "val_bpd": best.values[0], "label": label}
     times = [(t.datetime_complete - t.datetime_start).total_seconds() for t in complete
-             if t.datetime_complete and t.datetime_start and t.user_attrs.get(OUTCOME_ATTR) != Outcome.DUPLICATE]
+             if t.datetime_complete and t.datetime_start and not t.duplicate]
     if times:
         info["mean_trial_seconds"] = sum(times) / len(times)
         if info["target"]:
@@ -267,14 +268,14 @@ def structure_status(study, studies_dir: str) -> Optional[dict]:
 
 def confirmation_status(study) -> Optional[dict]:
     """The confirmation on fresh seeds: its result once ended, else the round it is in."""
-    from .confirm import CONFIRM_ATTR, PLAN_ATTR, RESULT_ATTR, describe
+    from .confirm import describe
+    from .record import StudyKey, records, study_get
 
-    result = study.user_attrs.get(RESULT_ATTR)
+    result = study_get(study, StudyKey.CONFIRMATION)
     if result:
         return {**result, "line": f"confirmed: {describe(result)}"}
-    if study.user_attrs.get(PLAN_ATTR):
-        rounds = max((int(t.user_attrs[CONFIRM_ATTR]["round"]) for t in study.get_trials(deepcopy=False)
-                      if t.user_attrs.get(CONFIRM_ATTR)), default=0)
+    if study_get(study, StudyKey.CONFIRM_PLAN):
+        rounds = max((t.confirm.round for t in records(study) if t.confirm), default=0)
         return {"done": False, "rounds": rounds, "line": f"confirming the winner on fresh seeds: round {rounds}"}
     return None
 

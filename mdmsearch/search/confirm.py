@@ -34,13 +34,10 @@ from ..compare import TIE, compare_structures, read_runs
 from ..errors import MDMError
 from .plan import suggest_plan
 from .spec import SearchSpec
-from .study import CONFIRM_ATTR, FINAL_ATTR, OUTCOME_ATTR, Outcome
+from .record import Confirmation, Outcome, StudyKey, TrialRecord, enqueue, records, study_get, study_set
 
 log = logging.getLogger(__name__)
 
-# CONFIRM_ATTR (study.py): trial attr of a confirmation trial, {"group", "role", "seed", "round"}
-PLAN_ATTR = "confirm_plan"  # study attr: the frozen candidates
-RESULT_ATTR = "confirmation"  # study attr: the outcome, once the confirmation has ended
 DECISION_SPLIT = "val"  # what decides (never the test split)
 REPORT_SPLIT = "test"  # what the winner's selection-free margin is reported on
 
@@ -53,37 +50,26 @@ class Step(str, Enum):
     DONE = "done"  # nothing to confirm, or confirmed
 
 
-def is_confirmation(t) -> bool:
-    return bool(t.user_attrs.get(CONFIRM_ATTR))
-
-
-def plan_overrides(spec: SearchSpec, user_attrs: dict) -> dict:
+def plan_overrides(spec: SearchSpec, rec: TrialRecord) -> dict:
     """``suggest_plan`` keywords of a confirmation trial: its fresh seed and evaluation strata."""
-    info = user_attrs.get(CONFIRM_ATTR)
-    return {"seed": int(info["seed"]), "test_n_t": spec.confirm.test_n_t} if info else {}
+    return {"seed": rec.confirm.seed, "test_n_t": spec.confirm.test_n_t} if rec.confirm else {}
 
 
-def _trained(study: optuna.Study, spec: SearchSpec, confirmation: bool) -> list[tuple[str, optuna.trial.FrozenTrial]]:
+def _trained(study: optuna.Study, spec: SearchSpec, confirmation: bool) -> list[tuple[str, TrialRecord]]:
     """(config group, trial) of the decided trials that trained to completion (no duplicates),
     of the search or of the confirmation."""
-    return [(group_of(spec, t), t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs.get(FINAL_ATTR) and t.user_attrs.get(OUTCOME_ATTR) == Outcome.COMPLETE and t.values
-            and is_confirmation(t) == confirmation]
+    return [(group_of(spec, t), t) for t in records(study, states=(TrialState.COMPLETE,))
+            if t.trained and bool(t.confirm) == confirmation]
 
 
-def _plan_of(spec: SearchSpec, params: dict, baseline: Optional[str], user_attrs: Optional[dict] = None):
-    return suggest_plan(optuna.trial.FixedTrial(dict(params)), spec, baseline=baseline,
-                        **plan_overrides(spec, user_attrs or {}))
+def _plan_of(spec: SearchSpec, t: TrialRecord):
+    return suggest_plan(optuna.trial.FixedTrial(dict(t.params)), spec, baseline=t.baseline,
+                        **plan_overrides(spec, t))
 
 
-def group_of(spec: SearchSpec, t) -> str:
+def group_of(spec: SearchSpec, t: TrialRecord) -> str:
     """A trial's configuration up to the seed (recorded on it; recomputed for older studies)."""
-    return t.user_attrs.get("config_group") or _plan_of(spec, t.params, t.user_attrs.get("baseline"),
-                                                        t.user_attrs).config_hash(spec, with_seed=False)
-
-
-def _label(spec: SearchSpec, t) -> str:
-    return _plan_of(spec, t.params, t.user_attrs.get("baseline"), t.user_attrs).label()
+    return t.config_group or _plan_of(spec, t).config_hash(spec, with_seed=False)
 
 
 def select(study: optuna.Study, spec: SearchSpec) -> Optional[dict]:
@@ -93,14 +79,14 @@ def select(study: optuna.Study, spec: SearchSpec) -> Optional[dict]:
     for group, t in _trained(study, spec, confirmation=False):
         groups.setdefault(group, []).append(t)
     ranked = sorted(groups.items(), key=lambda kv: (sum(t.values[0] for t in kv[1]) / len(kv[1]), kv[0]))
-    searched = [(g, ts) for g, ts in ranked if not ts[0].user_attrs.get("baseline")]
-    baselines = [(g, ts) for g, ts in ranked if ts[0].user_attrs.get("baseline")]
+    searched = [(g, ts) for g, ts in ranked if not ts[0].baseline]
+    baselines = [(g, ts) for g, ts in ranked if ts[0].baseline]
     if not searched or not baselines:
         return None
 
     def candidate(role: str, group: str, trials: list) -> dict:
         first = trials[0]
-        return {"group": group, "role": role, "label": _label(spec, first), "baseline": first.user_attrs.get("baseline"),
+        return {"group": group, "role": role, "label": _plan_of(spec, first).label(), "baseline": first.baseline,
                 "params": {k: v for k, v in first.params.items() if k != "seed"},
                 "search_trials": sorted(t.number for t in trials),
                 "search_val": sum(t.values[0] for t in trials) / len(trials)}
@@ -114,10 +100,9 @@ def fresh_runs(study: optuna.Study) -> dict[str, list[tuple[int, str]]]:
     """{config group: [(fresh seed, artifact dir)]} of the completed confirmation trials (the
     group their plan was enqueued for)."""
     runs: dict[str, list] = {}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        info = t.user_attrs.get(CONFIRM_ATTR)
-        if info and t.user_attrs.get(OUTCOME_ATTR) == Outcome.COMPLETE and t.user_attrs.get("artifact_dir"):
-            runs.setdefault(info["group"], []).append((int(info["seed"]), t.user_attrs["artifact_dir"]))
+    for t in records(study, states=(TrialState.COMPLETE,)):
+        if t.confirm and t.outcome == Outcome.COMPLETE and t.artifact_dir:
+            runs.setdefault(t.confirm.group, []).append((t.confirm.seed, t.artifact_dir))
     return runs
 
 
@@ -150,7 +135,7 @@ def _settled(plan: dict, done: dict) -> bool:
 
 def finished(study: optuna.Study, spec: SearchSpec) -> bool:
     """Nothing (more) to confirm."""
-    return not spec.confirm.seeds or bool(study.user_attrs.get(RESULT_ATTR))
+    return not spec.confirm.seeds or bool(study_get(study, StudyKey.CONFIRMATION))
 
 
 def next_step(study: optuna.Study, spec: SearchSpec) -> Step:
@@ -158,20 +143,20 @@ def next_step(study: optuna.Study, spec: SearchSpec) -> Step:
     the last one is decided and the race goes on.  Returns what the worker does next."""
     if finished(study, spec):
         return Step.DONE
-    plan = study.user_attrs.get(PLAN_ATTR)
+    plan = study_get(study, StudyKey.CONFIRM_PLAN)
     if plan is None:
         plan = select(study, spec)
         if plan is None:
             _finish(study, spec, None, "no completed searched configuration and baseline to confirm", 0)
             return Step.DONE
-        study.set_user_attr(PLAN_ATTR, plan)
+        study_set(study, StudyKey.CONFIRM_PLAN, plan)
         log.info("confirming on fresh seeds: %s", "; ".join(f"{c['role']} {c['label']}" for c in plan["candidates"]))
-    mine = [t for t in study.get_trials(deepcopy=False) if is_confirmation(t)]
+    mine = [t for t in records(study) if t.confirm]
     if any(t.state == TrialState.WAITING for t in mine):
         return Step.CLAIM
     if any(t.state == TrialState.RUNNING for t in mine):
         return Step.WAIT
-    rounds = max((int(t.user_attrs[CONFIRM_ATTR]["round"]) for t in mine), default=0)
+    rounds = max((t.confirm.round for t in mine), default=0)
     done = standings(plan, study, DECISION_SPLIT)
     if rounds >= spec.confirm.seeds or (rounds >= spec.confirm.min_seeds and _settled(plan, done)):
         _finish(study, spec, plan, None, rounds)
@@ -182,15 +167,13 @@ def next_step(study: optuna.Study, spec: SearchSpec) -> Step:
 
 def _enqueue_round(study: optuna.Study, spec: SearchSpec, active: list[dict], round_: int, mine: list) -> None:
     seed = spec.confirm.seed_start + round_ - 1
-    have = {(t.user_attrs[CONFIRM_ATTR]["group"], int(t.user_attrs[CONFIRM_ATTR]["seed"])) for t in mine
-            if t.state != TrialState.FAIL or t.user_attrs.get(FINAL_ATTR)}  # (a dead worker's try is retried)
+    have = {(t.confirm.group, t.confirm.seed) for t in mine
+            if t.state != TrialState.FAIL or t.final}  # (a dead worker's try is retried)
     for c in active:
         if (c["group"], seed) in have:
             continue
-        attrs = {CONFIRM_ATTR: {"group": c["group"], "role": c["role"], "seed": seed, "round": round_}}
-        if c["baseline"]:
-            attrs["baseline"] = c["baseline"]
-        study.enqueue_trial(dict(c["params"]), user_attrs=attrs)
+        enqueue(study, c["params"], confirm=Confirmation(c["group"], c["role"], seed, round_),
+                **({"baseline": c["baseline"]} if c["baseline"] else {}))
     log.info("confirmation round %d: %d configuration(s) on fresh seed %d", round_, len(active), seed)
 
 
@@ -198,7 +181,7 @@ def _finish(study: optuna.Study, spec: SearchSpec, plan: Optional[dict], why: Op
     info = {"done": True, "rounds": rounds, "reason": why}
     if plan is not None:
         info.update(result(plan, study, spec))
-    study.set_user_attr(RESULT_ATTR, info)
+    study_set(study, StudyKey.CONFIRMATION, info)
     log.info("confirmation: %s", describe(info))
 
 
@@ -245,38 +228,38 @@ def prepare(spec: SearchSpec, study: optuna.Study, *, top_k: int, seeds: int,
     another budget ``steps``, a confirmation-only study ``<study>.steps<S>`` of the same
     candidates (each configuration trained anew at S steps)."""
     from .spec import ConfirmSpec
-    from .study import CONFIRM_ONLY_ATTR, budget_used, count_trials, open_study
+    from .study import budget_used, count_trials, open_study
 
     conf = ConfirmSpec(seeds=seeds, min_seeds=min(2, seeds), top_k=top_k, seed_start=spec.confirm.seed_start,
                        test_n_t=spec.confirm.test_n_t)
-    plan = study.user_attrs.get(PLAN_ATTR) or select(study, spec.model_copy(update={"confirm": conf}))
+    plan = study_get(study, StudyKey.CONFIRM_PLAN) or select(study, spec.model_copy(update={"confirm": conf}))
     if plan is None:
         raise MDMError(f"study {study.study_name!r} has no completed searched configuration and baseline to confirm")
     if steps is None or steps == spec.budget.steps:
         challengers = sum(c["role"] == "challenger" for c in plan["candidates"])
-        if study.user_attrs.get(PLAN_ATTR) and challengers != top_k - 1:
+        if study_get(study, StudyKey.CONFIRM_PLAN) and challengers != top_k - 1:
             log.warning("the %d candidates an earlier confirmation chose are kept (--top %d does not change them)",
                         len(plan["candidates"]), top_k)
-        study.set_user_attr(PLAN_ATTR, plan)
+        study_set(study, StudyKey.CONFIRM_PLAN, plan)
         _reopen(study)
         return spec.model_copy(update={"confirm": conf, "n_trials": max(1, budget_used(count_trials(study)))})
     budget = spec.budget.model_copy(update={"steps": steps, "eval_every": min(spec.budget.eval_every, steps)})
     derived = spec.model_copy(update={"study": f"{spec.study}.steps{steps}", "budget": budget, "baselines": [],
                                       "n_trials": 1, "confirm": conf})
     dstudy = open_study(derived)
-    dstudy.set_user_attr(CONFIRM_ONLY_ATTR, {"of": spec.study, "steps": steps})
-    if not dstudy.user_attrs.get(PLAN_ATTR):
-        moved = [{**c, "group": _plan_of(derived, c["params"], c["baseline"]).config_hash(derived, with_seed=False)}
-                 for c in plan["candidates"]]
-        dstudy.set_user_attr(PLAN_ATTR, {"candidates": moved, "from_study": spec.study})
+    study_set(dstudy, StudyKey.CONFIRM_ONLY, {"of": spec.study, "steps": steps})
+    if not study_get(dstudy, StudyKey.CONFIRM_PLAN):
+        moved = [{**c, "group": suggest_plan(optuna.trial.FixedTrial(dict(c["params"])), derived, baseline=c["baseline"])
+                  .config_hash(derived, with_seed=False)} for c in plan["candidates"]]
+        study_set(dstudy, StudyKey.CONFIRM_PLAN, {"candidates": moved, "from_study": spec.study})
     _reopen(dstudy)
     return derived
 
 
 def _reopen(study: optuna.Study) -> None:
     """More seeds than an ended confirmation had: it goes on from where it stopped."""
-    if study.user_attrs.get(RESULT_ATTR):
-        study.set_user_attr(RESULT_ATTR, {})
+    if study_get(study, StudyKey.CONFIRMATION):
+        study_set(study, StudyKey.CONFIRMATION, {})
 
 
 def rank_agreement(study: optuna.Study) -> dict:
@@ -285,12 +268,11 @@ def rank_agreement(study: optuna.Study) -> dict:
     trials): Kendall's tau over the candidates with results, and whether the incumbent stays first."""
     from scipy.stats import kendalltau
 
-    plan = study.user_attrs.get(PLAN_ATTR) or {"candidates": []}
+    plan = study_get(study, StudyKey.CONFIRM_PLAN) or {"candidates": []}
     values: dict[str, list[float]] = {}
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-        info = t.user_attrs.get(CONFIRM_ATTR)
-        if info and t.user_attrs.get(OUTCOME_ATTR) == Outcome.COMPLETE and t.values:
-            values.setdefault(info["group"], []).append(float(t.values[0]))
+    for t in records(study, states=(TrialState.COMPLETE,)):
+        if t.confirm and t.trained:
+            values.setdefault(t.confirm.group, []).append(float(t.values[0]))
     rows = [{"label": c["label"], "role": c["role"], "search_val": c["search_val"],
              "fresh_val": sum(values[c["group"]]) / len(values[c["group"]]) if c["group"] in values else None,
              "fresh_seeds": len(values.get(c["group"], []))} for c in plan["candidates"]]
@@ -305,5 +287,4 @@ def rank_agreement(study: optuna.Study) -> dict:
             "first_overall": first["label"] if first else None}
 
 
-__all__ = ["CONFIRM_ATTR", "PLAN_ATTR", "RESULT_ATTR", "Step", "describe", "finished", "group_of", "is_confirmation",
-           "next_step", "plan_overrides", "prepare", "rank_agreement", "result", "select", "standings"]
+__all__ = ["Step", "describe", "finished", "group_of", "next_step", "plan_overrides", "prepare", "rank_agreement", "result", "select", "standings"]

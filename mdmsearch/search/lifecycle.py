@@ -24,23 +24,20 @@ import optuna
 from optuna.trial import TrialState
 
 from ..leaderboard import trial_path
-from . import adapters
+from .record import Outcome, TrialRecord, records, write, write_by_id
 from .spec import SearchSpec
-from .study import FINAL_ATTR, OUTCOME_ATTR, Heartbeat, Outcome, heartbeat_path, is_stale, retry_trial
+from .study import Heartbeat, heartbeat_path, is_stale, retry_trial
 
 log = logging.getLogger(__name__)
-
-ARTIFACT_ATTR = "artifact_dir"  # Optuna user attr: where the trial's checkpoint, metrics and samples live
-
 
 def artifact_dir(spec: SearchSpec, trial) -> Path:
     """A trial's artifact directory: the one recorded on it, else ``trials/<artifact_id or number>``
     (a retry keeps its first attempt's artifact id, so it resumes that checkpoint).  ``trial``:
-    an Optuna ``Trial`` or ``FrozenTrial``."""
-    recorded = trial.user_attrs.get(ARTIFACT_ATTR)
-    if recorded:
-        return Path(recorded)
-    return spec.study_dir / "trials" / str(trial.user_attrs.get("artifact_id", trial.number))
+    a :class:`TrialRecord`, or an Optuna ``Trial`` or ``FrozenTrial``."""
+    rec = trial if isinstance(trial, TrialRecord) else TrialRecord.of(trial)
+    if rec.artifact_dir:
+        return Path(rec.artifact_dir)
+    return spec.study_dir / "trials" / str(rec.artifact_id if rec.artifact_id is not None else rec.number)
 
 
 def row_path(spec: SearchSpec, number: int) -> Path:
@@ -48,15 +45,12 @@ def row_path(spec: SearchSpec, number: int) -> Path:
     return trial_path(spec.leaderboard_root, spec.data.name, spec.study, number)
 
 
-def claim(study: optuna.Study, spec: SearchSpec, **attrs) -> optuna.Trial:
+def claim(study: optuna.Study, spec: SearchSpec) -> optuna.Trial:
     """Ask a trial and mark it as taken before the study lock is released: its artifact
-    directory, ``attrs`` (e.g. the Ray driver that owns it) and a first heartbeat.  Call under
-    :func:`mdmsearch.search.study.study_lock`."""
+    directory and a first heartbeat.  Call under :func:`mdmsearch.search.study.study_lock`."""
     trial = study.ask()
     art = artifact_dir(spec, trial)
-    trial.set_user_attr(ARTIFACT_ATTR, str(art))
-    for key, value in attrs.items():
-        trial.set_user_attr(key, value)
+    write(trial, artifact_dir=str(art))
     Heartbeat(art, trial.number).beat()
     return trial
 
@@ -81,17 +75,17 @@ def release(spec: SearchSpec, trial) -> None:
     heartbeat_path(artifact_dir(spec, trial)).unlink(missing_ok=True)
 
 
-ROW_ATTRS = ("reason", "test_bpd", "steps", "duplicate_of")  # what a trial's end records from its row
+ROW_FIELDS = ("reason", "test_bpd", "steps", "duplicate_of")  # what a trial's end records from its row
 
 
-def read_row(spec: SearchSpec, trial: optuna.trial.FrozenTrial) -> Optional[dict]:
+def read_row(spec: SearchSpec, trial: TrialRecord) -> Optional[dict]:
     """The leaderboard row trial ``trial`` wrote, or None: no file, or one that is not this
     trial's.  An unreadable file (damaged at rest) or a row older than the trial (left by an
     earlier study of the same name) is set aside, so that it cannot outlive the retry."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from ..training.checkpoint import set_aside
+    from ..io import set_aside
 
     path = row_path(spec, trial.number)
     if not path.exists():
@@ -111,7 +105,7 @@ def read_row(spec: SearchSpec, trial: optuna.trial.FrozenTrial) -> Optional[dict
 ROW_CLOCK_SLACK = timedelta(minutes=5)  # clocks of the claiming driver and a Ray node may differ this much
 
 
-def settle(study: optuna.Study, spec: SearchSpec, trial: optuna.trial.FrozenTrial) -> Optional[str]:
+def settle(study: optuna.Study, spec: SearchSpec, trial: TrialRecord) -> Optional[str]:
     """Tell the study the outcome of a RUNNING trial whose worker wrote its leaderboard row and
     died before telling.  Returns the state told, or None when there is no row of this trial.
 
@@ -127,13 +121,9 @@ def settle(study: optuna.Study, spec: SearchSpec, trial: optuna.trial.FrozenTria
         values = [row["val_bpd"]]
         if spec.objective.second is not None:
             values.append(float(row.get(spec.objective.second) or math.nan))
-    tid = adapters.trial_id(trial)
     try:
-        for key in ROW_ATTRS:
-            if row.get(key) is not None:
-                adapters.set_trial_attr(study, tid, key, row[key])
-        adapters.set_trial_attr(study, tid, OUTCOME_ATTR, row["state"])
-        adapters.set_trial_attr(study, tid, FINAL_ATTR, True)
+        write_by_id(study, trial.trial_id, **{k: row[k] for k in ROW_FIELDS if row.get(k) is not None},
+                    outcome=Outcome(row["state"]), final=True)
         tell(study, trial.number, row["state"], values)
     except (RuntimeError, ValueError) as exc:  # told meanwhile
         log.debug("trial %d: %s", trial.number, exc)
@@ -149,7 +139,7 @@ def recover(study: optuna.Study, spec: SearchSpec) -> list[int]:
     one, else failed and re-queued to resume from their checkpoint.  Returns the re-queued
     numbers.  Call under :func:`~mdmsearch.search.study.study_lock`."""
     retried = []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for t in records(study, states=(TrialState.RUNNING,)):
         if not is_stale(t) or settle(study, spec, t) is not None:
             continue
         if retry_trial(study, t, "worker died; retried from its checkpoint"):
@@ -169,5 +159,5 @@ class Deadline:
         return self.at is not None and time.time() >= self.at
 
 
-__all__ = ["ARTIFACT_ATTR", "Deadline", "Outcome", "artifact_dir", "claim", "recover", "release", "read_row", "row_path", "settle",
+__all__ = ["Deadline", "Outcome", "artifact_dir", "claim", "recover", "release", "read_row", "row_path", "settle",
            "tell"]

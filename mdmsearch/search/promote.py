@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError
-from .lifecycle import ARTIFACT_ATTR, Outcome
-from .study import FINAL_ATTR, OUTCOME_ATTR
+from .record import Outcome, records
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +50,7 @@ def _best(study, what: str = "--from-trial"):
     """The completed, trained (not duplicate) trial with the lowest first objective."""
     from optuna.trial import TrialState
 
-    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if t.user_attrs.get(FINAL_ATTR) and t.user_attrs.get(OUTCOME_ATTR) == Outcome.COMPLETE and t.values]
+    done = [t for t in records(study, states=(TrialState.COMPLETE,)) if t.trained]
     if not done:
         raise ConfigError(f"{what} {study.study_name}/best: the study has no completed trial yet")
     return min(done, key=lambda t: t.values[0])
@@ -60,25 +58,23 @@ def _best(study, what: str = "--from-trial"):
 
 def resolve_trial(ref: str, studies_dir: str | Path = "studies", storage: Optional[str] = None,
                   what: str = "--from-trial"):
-    """The FrozenTrial that trained the configuration of ``STUDY/N`` or ``STUDY/best``: a
-    duplicate answers as the trial it duplicates; one that did not train is a ConfigError (one
-    line, starting with ``what``).  Its ``artifact_dir`` user attribute holds the run."""
+    """The :class:`TrialRecord` that trained the configuration of ``STUDY/N`` or ``STUDY/best``:
+    a duplicate answers as the trial it duplicates; one that did not train is a ConfigError (one
+    line, starting with ``what``).  Its ``artifact_dir`` holds the run."""
     study_name, number = parse_trial_ref(ref, what)
     study = _open(study_name, studies_dir, storage, what)
     if number is None:
         trial = _best(study, what)
     else:
-        trials = study.get_trials(deepcopy=False)
+        trials = records(study)
         if not 0 <= number < len(trials):
             raise ConfigError(f"{what} {ref}: study {study_name!r} has trials 0..{len(trials) - 1}")
         trial = trials[number]
-    first = trial.user_attrs.get("duplicate_of")
-    if first is not None:  # answered from an earlier trial: that one trained this configuration
-        trial = study.get_trials(deepcopy=False)[int(first)]
-    outcome = trial.user_attrs.get(OUTCOME_ATTR)
-    if outcome in (Outcome.INVALID, Outcome.FAIL) or trial.user_attrs.get(ARTIFACT_ATTR) is None:
-        raise ConfigError(f"{what} {ref}: trial {trial.number} did not train ({outcome or trial.state.name}"
-                          f"{': ' + str(trial.user_attrs['reason']) if trial.user_attrs.get('reason') else ''})")
+    if trial.duplicate_of is not None:  # answered from an earlier trial: that one trained this configuration
+        trial = records(study)[int(trial.duplicate_of)]
+    if trial.outcome in (Outcome.INVALID, Outcome.FAIL) or trial.artifact_dir is None:
+        raise ConfigError(f"{what} {ref}: trial {trial.number} did not train ({trial.outcome or trial.state.name}"
+                          f"{': ' + str(trial.reason) if trial.reason else ''})")
     return trial
 
 
@@ -89,7 +85,7 @@ def trial_run_config(ref: str, studies_dir: str | Path = "studies", storage: Opt
 
     trial = resolve_trial(ref, studies_dir, storage)
     study_name, _ = parse_trial_ref(ref)
-    path = Path(trial.user_attrs[ARTIFACT_ATTR]) / "config.yaml"
+    path = Path(trial.artifact_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"--from-trial {ref}: {path} is missing (the trial's artifacts were moved or deleted)")
     data = yaml.safe_load(path.read_text())

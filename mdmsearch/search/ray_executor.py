@@ -34,7 +34,8 @@ from .confirm import finished as confirm_finished
 from .lifecycle import Deadline, artifact_dir, claim, recover
 from .space import finite_size
 from .spec import SearchSpec
-from .study import (CONFIRM_ONLY_ATTR, HeldClaims, count_trials, make_storage, open_study, record_run, stop_reason, storage_url,
+from .record import StudyKey, study_get
+from .study import (HeldClaims, count_trials, make_storage, open_study, record_run, stop_reason, storage_url,
                     study_lock, tried_configs)
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,7 @@ def _done(study: optuna.Study, spec: SearchSpec, size: Optional[int]) -> bool:
     configuration of a finite space, and has confirmed its winner if the spec asks for it."""
     counts = count_trials(study)
     searched = (counts["decided"] - counts["duplicates"] - counts["confirmation"] >= spec.n_trials
-                or bool(study.user_attrs.get(CONFIRM_ONLY_ATTR)))
+                or bool(study_get(study, StudyKey.CONFIRM_ONLY)))
     return (searched or bool(size and tried_configs(study) >= size)) and confirm_finished(study, spec)
 
 

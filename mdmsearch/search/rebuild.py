@@ -27,7 +27,7 @@ from .lifecycle import Outcome, artifact_dir, row_path
 from .plan import suggest_plan
 from .runner import _base_row, _json
 from .spec import SearchSpec
-from .study import FINAL_ATTR, OUTCOME_ATTR
+from .record import StudyKey, TrialRecord, records, study_get
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +37,7 @@ METRIC_KEYS = ("val_bpd", "val_bpd_se", "test_bpd", "best_val_bpd", "prior_kl_pe
 
 def spec_of(study: optuna.Study, studies_dir: str, leaderboard_dir: Optional[str] = None) -> SearchSpec:
     """The spec a study was created with (stored in the study), pointed at ``studies_dir``."""
-    stored = study.user_attrs.get("spec")
+    stored = study_get(study, StudyKey.SPEC)
     if not stored:
         raise MDMError(f"study {study.study_name!r} has no stored spec (not created by mdmsearch run)")
     return SearchSpec.model_validate({**stored, "studies_dir": studies_dir, "leaderboard_dir": leaderboard_dir})
@@ -55,25 +55,24 @@ def _utc(dt):
     return dt.astimezone(timezone.utc) if dt is not None else None
 
 
-def _state(t: optuna.trial.FrozenTrial) -> str:
-    if t.user_attrs.get(OUTCOME_ATTR):
-        return str(t.user_attrs[OUTCOME_ATTR])
+def _state(t: TrialRecord) -> str:
+    if t.outcome:
+        return t.outcome.value
     return {TrialState.COMPLETE: Outcome.COMPLETE, TrialState.PRUNED: Outcome.PRUNED}.get(t.state, Outcome.FAIL).value
 
 
-def row_from_trial(spec: SearchSpec, t: optuna.trial.FrozenTrial, executor: str) -> dict:
+def row_from_trial(spec: SearchSpec, t: TrialRecord, executor: str) -> dict:
     plan = suggest_plan(optuna.trial.FixedTrial(dict(t.params), number=t.number), spec,
-                        baseline=t.user_attrs.get("baseline"), **plan_overrides(spec, t.user_attrs))
+                        baseline=t.baseline, **plan_overrides(spec, t))
     row = _base_row(spec, t.number, plan, executor, _utc(t.datetime_start))
     art = artifact_dir(spec, t)
-    row.update(state=_state(t), reason=t.user_attrs.get("reason"), retry_of=t.user_attrs.get("retry_of"),
-               duplicate_of=t.user_attrs.get("duplicate_of"), artifact_dir=str(art),
+    row.update(state=_state(t), reason=t.reason, retry_of=t.retry_of, duplicate_of=t.duplicate_of, artifact_dir=str(art),
                finished_at=_utc(t.datetime_complete))
     if t.datetime_start and t.datetime_complete:
         row["wall_seconds"] = (t.datetime_complete - t.datetime_start).total_seconds()
     if t.values:
         row["val_bpd"] = t.values[0]
-    row["test_bpd"], row["steps"] = t.user_attrs.get("test_bpd"), t.user_attrs.get("steps")
+    row["test_bpd"], row["steps"] = t.test_bpd, t.steps
     metrics_path = art / "metrics.json"
     if row["state"] == Outcome.COMPLETE and metrics_path.is_file():
         try:
@@ -95,10 +94,10 @@ def read_history(path: Path) -> Optional[list[dict]]:
 
 def rebuild(spec: SearchSpec, study: optuna.Study) -> dict:
     """Rewrite missing/unreadable rows and curves of the decided trials; returns what was done."""
-    executor = study.user_attrs.get("executor", "local")
+    executor = study_get(study, StudyKey.EXECUTOR, "local")
     rows, curves, kept = [], [], 0
-    for t in study.get_trials(deepcopy=False):
-        if not (t.state.is_finished() and t.user_attrs.get(FINAL_ATTR)):
+    for t in records(study):
+        if not t.decided:
             continue
         row_file = row_path(spec, t.number)
         if row_file.exists() and readable(row_file):

@@ -7,7 +7,8 @@ import logging
 import multiprocessing as mp
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from datetime import datetime, timezone
 from typing import Callable, Optional
 
@@ -19,16 +20,17 @@ from .. import __version__
 from ..config import resolve_parameterization
 from ..data import DataBundle, load_dataset
 from ..errors import MDMError
+from ..training.checkpoint import atomic_write_json
 from ..leaderboard import mask_json, write_curve, write_trial
 from ..training import StopTraining, Trainer
-from ..training.checkpoint import atomic_write_json
 from .confirm import Step, next_step, plan_overrides
 from .failpoints import TrialEnd, failpoint
 from .plan import TrialPlan, suggest_plan
 from .spec import SearchSpec
-from .lifecycle import ARTIFACT_ATTR, Deadline, Outcome, artifact_dir, claim, recover, release, tell
+from .lifecycle import Deadline, artifact_dir, claim, recover, release, tell
+from .record import Outcome, TrialRecord, records, write
 from .space import finite_size
-from .study import FINAL_ATTR, OUTCOME_ATTR, Heartbeat, count_trials, open_study, record_run, stop_reason, study_lock
+from .study import Heartbeat, budget_used, count_trials, open_study, record_run, stop_reason, study_lock
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +42,7 @@ class TrialOutcome:
     row: dict
 
 
-_DATA_CACHE: dict[str, DataBundle] = {}
+_DATA_CACHE: dict = {}
 
 
 def load_data(spec: SearchSpec) -> DataBundle:
@@ -84,134 +86,169 @@ def _json(obj) -> str:
     return json.dumps(obj, sort_keys=True, default=str)
 
 
-def find_duplicate(study: optuna.Study, config_hash: str, own_number: int):
+def find_duplicate(study: optuna.Study, config_hash: str, own_number: int) -> Optional[TrialRecord]:
     """An earlier trial of the same configuration that completed or was pruned (its answer is
     known: training it again would spend budget on no new information)."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
-        if t.state == TrialState.PRUNED and not t.user_attrs.get(FINAL_ATTR):
+    for t in records(study, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+        if t.state == TrialState.PRUNED and not t.final:
             continue
-        if (t.number != own_number and t.user_attrs.get("config_hash") == config_hash
-                and t.user_attrs.get("duplicate_of") is None):
+        if t.number != own_number and t.config_hash == config_hash and t.duplicate_of is None:
             return t
     return None
 
 
-def find_running_twin(study: optuna.Study, config_hash: str, own_number: int):
+def find_running_twin(study: optuna.Study, config_hash: str, own_number: int) -> Optional[TrialRecord]:
     """An earlier trial of the same configuration that another worker is training right now:
     training it twice in parallel buys no information (parallel workers can propose the same
     point, constant liar or not).  The earlier trial wins; its twin is answered without a value."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if (t.number < own_number and t.user_attrs.get("config_hash") == config_hash
-                and t.user_attrs.get("duplicate_of") is None):
+    for t in records(study, states=(TrialState.RUNNING,)):
+        if t.number < own_number and t.config_hash == config_hash and t.duplicate_of is None:
             return t
     return None
 
 
-def find_invalid(study: optuna.Study, structure_hash: str, own_number: int):
+def find_invalid(study: optuna.Study, structure_hash: str, own_number: int) -> Optional[TrialRecord]:
     """An earlier trial rejected as INVALID with the same structure (its hyperparameters do
     not matter: the structure itself cannot train)."""
-    for t in study.get_trials(deepcopy=False, states=(TrialState.PRUNED,)):
-        if (t.number != own_number and t.user_attrs.get(OUTCOME_ATTR) == Outcome.INVALID
-                and t.user_attrs.get("structure_hash") == structure_hash):
+    for t in records(study, states=(TrialState.PRUNED,)):
+        if t.number != own_number and t.outcome == Outcome.INVALID and t.structure_hash == structure_hash:
             return t
     return None
+
+
+@dataclass
+class Ending:
+    """How a trial ends, before it is written: its outcome, the values told, the row's extra columns."""
+
+    state: Outcome
+    values: Optional[list[float]] = None
+    reason: Optional[str] = None
+    columns: dict = field(default_factory=dict)  # leaderboard columns the outcome fills
+    record: dict = field(default_factory=dict)  # TrialRecord fields the outcome sets
+
+
+@dataclass
+class TrialRun:
+    """One claimed trial being executed: the trial, its plan, its artifact directory and its row."""
+
+    trial: optuna.Trial
+    rec: TrialRecord  # as claimed
+    spec: SearchSpec
+    plan: TrialPlan
+    art_dir: Path
+    row: dict
+    t0: float
 
 
 def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Optional[optuna.Study] = None,
                   report: Optional[Callable[[int, dict], None]] = None) -> TrialOutcome:
-    """Run one trial end to end and write its leaderboard row.  ``trial`` is a claimed Optuna
-    trial; ``report(step, metrics)`` is how intermediate values reach the pruner (Optuna's
-    ``trial.report`` + ``should_prune`` by default, for every executor)."""
-    started = datetime.now(timezone.utc)
-    t0 = time.perf_counter()
-    number = trial.number
-    baseline = trial.user_attrs.get("baseline") if hasattr(trial, "user_attrs") else None
-    plan = suggest_plan(trial, spec, baseline=baseline, **plan_overrides(spec, trial.user_attrs))
-    art_dir = artifact_dir(spec, trial)
-    artifact_id = trial.user_attrs.get("artifact_id", number)
-    row = _base_row(spec, number, plan, executor, started)
-    row["retry_of"] = trial.user_attrs.get("retry_of")
-    row["artifact_dir"] = str(art_dir)
-    trial.set_user_attr("config_hash", row["config_hash"])
-    trial.set_user_attr("config_group", row["config_group"])  # (its seeds are one configuration)
-    trial.set_user_attr(ARTIFACT_ATTR, str(art_dir))
-    trial.set_user_attr("artifact_id", artifact_id)
+    """Plan -> check -> train -> outcome -> row, for one claimed Optuna trial.  ``report(step,
+    metrics)`` is how intermediate values reach the pruner (Optuna's ``trial.report`` +
+    ``should_prune`` by default, for every executor)."""
+    run = begin(trial, spec, executor)
+    ending = rejected(run, study) or answered(run, study) or train(run, report)
+    return end(run, ending)
 
-    def done(state: Outcome, values, reason: Optional[str] = None, **extra) -> TrialOutcome:
-        row.update(state=state.value, reason=reason, wall_seconds=time.perf_counter() - t0,
-                   finished_at=datetime.now(timezone.utc), **extra)
-        try:
-            write_trial(spec.leaderboard_root, spec.data.name, spec.study, row)
-        except OSError as exc:  # full disk: the study still learns the outcome; the row can be rebuilt
-            log.warning("trial %d: leaderboard row not written (%s); once there is space, "
-                        "`mdmsearch rebuild %s` writes it", number, exc, spec.study)
-        failpoint(TrialEnd.ROW_WRITTEN)  # (a death from here on is told from the row by recover())
-        trial.set_user_attr(OUTCOME_ATTR, state.value)
-        trial.set_user_attr(FINAL_ATTR, True)
-        if reason:
-            trial.set_user_attr("reason", reason)
-        failpoint(TrialEnd.DECIDED)
-        return TrialOutcome(state, values, row)
 
-    check = plan.check(spec)
-    if not check.valid:
-        first = find_invalid(study, row["structure_hash"], number) if study is not None else None
-        if first is not None:  # known to be invalid: answered, not counted toward n_trials
-            trial.set_user_attr("duplicate_of", first.number)
-            return done(Outcome.DUPLICATE, None, reason=f"duplicate of trial {first.number}, invalid: {check.reason}",
-                        duplicate_of=first.number)
-        log.info("trial %d: invalid structure rejected before training: %s", number, check.reason)
-        trial.set_user_attr("structure_hash", row["structure_hash"])
-        return done(Outcome.INVALID, None, reason=check.reason)
-    if study is not None:
-        dup = find_duplicate(study, row["config_hash"], number)
-        if dup is not None:
-            trial.set_user_attr("duplicate_of", dup.number)
-            log.info("trial %d duplicates trial %d: answered from its result", number, dup.number)
-            first = dup.user_attrs
-            if dup.state == TrialState.PRUNED:  # told as pruned again, without a value
-                return done(Outcome.DUPLICATE, None, reason=f"duplicate of trial {dup.number}, which was pruned",
-                            duplicate_of=dup.number, steps=first.get("steps"))
-            return done(Outcome.DUPLICATE, list(dup.values), duplicate_of=dup.number, val_bpd=dup.values[0],
-                        test_bpd=first.get("test_bpd"), steps=first.get("steps"))
-        twin = find_running_twin(study, row["config_hash"], number)
-        if twin is not None:  # told like a duplicate of a pruned trial: no value (its twin brings it)
-            trial.set_user_attr("duplicate_of", twin.number)
-            log.info("trial %d duplicates trial %d, which is still training: not trained twice", number, twin.number)
-            return done(Outcome.DUPLICATE, None, reason=f"duplicate of trial {twin.number}, which was still training",
-                        duplicate_of=twin.number)
+def begin(trial, spec: SearchSpec, executor: str) -> TrialRun:
+    """The trial's plan (sampled, or read back for an enqueued trial) and the identity columns
+    of its row, recorded on the trial (what dedupe and confirmation read)."""
+    started, t0 = datetime.now(timezone.utc), time.perf_counter()
+    rec = TrialRecord.of(trial)
+    plan = suggest_plan(trial, spec, baseline=rec.baseline, **plan_overrides(spec, rec))
+    art_dir = artifact_dir(spec, rec)
+    row = _base_row(spec, rec.number, plan, executor, started)
+    row.update(retry_of=rec.retry_of, artifact_dir=str(art_dir))
+    write(trial, config_hash=row["config_hash"], config_group=row["config_group"], artifact_dir=str(art_dir),
+          artifact_id=rec.artifact_id if rec.artifact_id is not None else rec.number)
+    return TrialRun(trial, rec, spec, plan, art_dir, row, t0)
 
-    config = plan.run_config(spec)
-    reporter = report or _optuna_reporter(trial, prunable=not plan.baseline, last_step=config.train.steps)
+
+def rejected(run: TrialRun, study: Optional[optuna.Study]) -> Optional[Ending]:
+    """An invalid structure, answered before any training (a known one as a duplicate)."""
+    check = run.plan.check(run.spec)
+    if check.valid:
+        return None
+    number = run.trial.number
+    first = find_invalid(study, run.row["structure_hash"], number) if study is not None else None
+    if first is not None:  # known to be invalid: answered, not counted toward n_trials
+        return Ending(Outcome.DUPLICATE, reason=f"duplicate of trial {first.number}, invalid: {check.reason}",
+                      columns={"duplicate_of": first.number}, record={"duplicate_of": first.number})
+    log.info("trial %d: invalid structure rejected before training: %s", number, check.reason)
+    return Ending(Outcome.INVALID, reason=check.reason, record={"structure_hash": run.row["structure_hash"]})
+
+
+def answered(run: TrialRun, study: Optional[optuna.Study]) -> Optional[Ending]:
+    """A configuration already trained (its result) or training elsewhere right now (no value)."""
+    if study is None:
+        return None
+    number, config_hash = run.trial.number, run.row["config_hash"]
+    dup = find_duplicate(study, config_hash, number)
+    if dup is not None:
+        log.info("trial %d duplicates trial %d: answered from its result", number, dup.number)
+        mark = {"duplicate_of": dup.number}
+        if dup.state == TrialState.PRUNED:  # told as pruned again, without a value
+            return Ending(Outcome.DUPLICATE, reason=f"duplicate of trial {dup.number}, which was pruned",
+                          columns={**mark, "steps": dup.steps}, record=mark)
+        return Ending(Outcome.DUPLICATE, list(dup.values), record=mark,
+                      columns={**mark, "val_bpd": dup.values[0], "test_bpd": dup.test_bpd, "steps": dup.steps})
+    twin = find_running_twin(study, config_hash, number)
+    if twin is not None:  # told like a duplicate of a pruned trial: no value (its twin brings it)
+        log.info("trial %d duplicates trial %d, which is still training: not trained twice", number, twin.number)
+        return Ending(Outcome.DUPLICATE, reason=f"duplicate of trial {twin.number}, which was still training",
+                      columns={"duplicate_of": twin.number}, record={"duplicate_of": twin.number})
+    return None
+
+
+def train(run: TrialRun, report: Optional[Callable[[int, dict], None]]) -> Ending:
+    """Train (resuming a dead worker's checkpoint) and evaluate; a decided failure is an outcome."""
+    number, spec, art_dir = run.trial.number, run.spec, run.art_dir
+    config = run.plan.run_config(spec)
+    reporter = report or _optuna_reporter(run.trial, prunable=prunable(run.rec), last_step=config.train.steps)
     trainer = None
     try:
-        atomic_write_json(art_dir / "plan.json", {"plan": plan.__dict__, "trial": number})
+        atomic_write_json(art_dir / "plan.json", {"plan": run.plan.__dict__, "trial": number})
         with Heartbeat(art_dir, number):
             trainer = Trainer(config, art_dir, callback=reporter, data=load_data(spec))
             result = trainer.run(resume=True, replay=True)  # the pruner sees the curve from before a crash
     except MDMError as exc:  # NaN loss, failed Cholesky, invalid process: a decided failure
         log.warning("trial %d failed: %s", number, exc)
-        return done(Outcome.FAIL, None, reason=str(exc))
+        return Ending(Outcome.FAIL, reason=str(exc))
     except OSError as exc:  # disk full, quota, I/O error writing checkpoints or artifacts
         reason = f"cannot write trial artifacts: {exc.strerror or exc} (errno {exc.errno})"
         log.warning("trial %d failed: %s (%s)", number, reason, exc.filename or art_dir)
-        return done(Outcome.FAIL, None, reason=reason, steps=trainer.progress().step if trainer is not None else None)
-    run = result.progress
-    _write_curve(spec, number, run.history)
+        return Ending(Outcome.FAIL, reason=reason,
+                      columns={"steps": trainer.progress().step if trainer is not None else None})
+    progress = result.progress
+    _write_curve(spec, number, progress.history)
     if not result.completed:
-        return done(Outcome.PRUNED, None, reason=result.reason, val_bpd=run.last_val, best_val_bpd=run.best_val,
-                    steps=run.step, train_seconds=run.train_seconds, n_params=run.n_params)
-    metrics = result.metrics
-    trial.set_user_attr("test_bpd", metrics["test_bpd"])
-    trial.set_user_attr("steps", metrics["steps"])
-    values = [metrics["val_bpd"]]
-    if spec.objective.second:
-        values.append(float(metrics[spec.objective.second]))
-    return done(Outcome.COMPLETE, values, val_bpd=metrics["val_bpd"], val_bpd_se=metrics["val_bpd_se"],
-                test_bpd=metrics["test_bpd"], best_val_bpd=metrics["best_val_bpd"],
-                prior_kl_per_dim=metrics["prior_kl_per_dim"], steps=metrics["steps"],
-                train_seconds=metrics["train_seconds"], n_params=metrics["n_params"],
-                Q=_json(metrics["Q"]), D=_json(metrics["D"]))
+        return Ending(Outcome.PRUNED, reason=result.reason, columns={
+            "val_bpd": progress.last_val, "best_val_bpd": progress.best_val, "steps": progress.step,
+            "train_seconds": progress.train_seconds, "n_params": progress.n_params})
+    m = result.metrics
+    values = [m["val_bpd"]] + ([float(m[spec.objective.second])] if spec.objective.second else [])
+    columns = {k: m[k] for k in ("val_bpd", "val_bpd_se", "test_bpd", "best_val_bpd", "prior_kl_per_dim", "steps",
+                                 "train_seconds", "n_params")}
+    return Ending(Outcome.COMPLETE, values, columns={**columns, "Q": _json(m["Q"]), "D": _json(m["D"])},
+                  record={"test_bpd": m["test_bpd"], "steps": m["steps"]})
+
+
+def end(run: TrialRun, ending: Ending) -> TrialOutcome:
+    """The row first (atomically: once it exists the outcome is decided, see lifecycle.settle),
+    then the outcome recorded on the trial."""
+    row = run.row
+    row.update(state=ending.state.value, reason=ending.reason, wall_seconds=time.perf_counter() - run.t0,
+               finished_at=datetime.now(timezone.utc), **ending.columns)
+    try:
+        write_trial(run.spec.leaderboard_root, run.spec.data.name, run.spec.study, row)
+    except OSError as exc:  # full disk: the study still learns the outcome; the row can be rebuilt
+        log.warning("trial %d: leaderboard row not written (%s); once there is space, "
+                    "`mdmsearch rebuild %s` writes it", run.trial.number, exc, run.spec.study)
+    failpoint(TrialEnd.ROW_WRITTEN)  # (a death from here on is told from the row by recover())
+    write(run.trial, **ending.record, outcome=ending.state, final=True,
+          **({"reason": ending.reason} if ending.reason else {}))
+    failpoint(TrialEnd.DECIDED)
+    return TrialOutcome(ending.state, ending.values, row)
 
 
 def _write_curve(spec: SearchSpec, number: int, history: list[dict]) -> None:
@@ -219,6 +256,13 @@ def _write_curve(spec: SearchSpec, number: int, history: list[dict]) -> None:
         write_curve(spec.curves_root, spec.data.name, spec.study, number, history)
     except OSError as exc:  # the trial's result stands; `mdmsearch rebuild` writes the curve later
         log.warning("trial %d: learning curve not written (%s)", number, exc)
+
+
+def prunable(rec: TrialRecord) -> bool:
+    """Whether the pruner may stop a trial.  Baselines report (their curves are the pruner's
+    yardstick) but run to the end; so do confirmation trials, whose complete results are the
+    verdicts (aux3 pruned 4 of 9 at step 250 when they could be)."""
+    return not rec.baseline and rec.confirm is None
 
 
 def _optuna_reporter(trial, prunable: bool = True, last_step: Optional[int] = None):
@@ -245,7 +289,10 @@ def tell_outcome(study: optuna.Study, trial, outcome: TrialOutcome) -> None:
 
 
 def run_claimed(study: optuna.Study, spec: SearchSpec, trial, executor: str) -> TrialOutcome:
-    """A claimed trial from plan to release, wherever it runs: execute, tell, drop the claim.
+    """A claimed trial from plan to release, wherever it runs (every executor calls this):
+
+        plan -> check -> train -> outcome -> row -> decided -> tell -> release
+
     An unexpected exception (a bug, not a decided failure) is told as FAIL and re-raised."""
     try:
         outcome = execute_trial(trial, spec, executor=executor, study=study)
@@ -288,7 +335,8 @@ def worker_loop(spec: SearchSpec, worker: int = 0, allow_spec_change: bool = Fal
         if step is Step.WAIT:  # this confirmation round's last trials run in another worker
             time.sleep(CONFIRM_POLL_SECONDS)
             continue
-        log.info("worker %d: trial %d (%d/%d finished)", worker, trial.number, counts["finished"], spec.n_trials)
+        log.info("worker %d: trial %d (%d/%d counted%s)", worker, trial.number, budget_used(counts), spec.n_trials,
+                 f", {counts['confirmation']} confirming" if counts["confirmation"] else "")
         outcome = run_claimed(study, spec, trial, "local")
         ran += 1
         repeats = repeats + 1 if outcome.state in (Outcome.DUPLICATE, Outcome.INVALID) else 0

@@ -11,7 +11,6 @@ import socket
 import threading
 import time
 from contextlib import contextmanager
-from enum import Enum
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Optional
@@ -21,15 +20,15 @@ from optuna.trial import TrialState
 
 from ..errors import ConfigError
 from .plan import baseline_params, predictor_choices
+from .record import (KEYS, Outcome, StudyKey, TrialRecord, enqueue, records, study_get, study_set,  # noqa: F401
+                     write_by_id)
 from .spec import SearchSpec
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_SECONDS = 5.0
+FINAL_ATTR, OUTCOME_ATTR = KEYS["final"], KEYS["outcome"]  # (the stored keys, for readers of raw studies)
 STALE_SECONDS = 60.0
-FINAL_ATTR = "final"  # user attr set on every trial whose outcome is decided (counts as finished)
-CONFIRM_ATTR = "confirm"  # user attr of a confirmation trial (see confirm.py)
-CONFIRM_ONLY_ATTR = "confirm_only"  # study attr of a study that only confirms another's winner (no search)
 
 
 def storage_url(spec: SearchSpec) -> str:
@@ -194,21 +193,21 @@ def open_study(spec: SearchSpec, *, allow_spec_change: bool = False, create: boo
         if study.metric_names is None:  # a dashboard shows "val_bpd", not "Objective 0"
             study.set_metric_names(metric_names(spec))
         if fresh:
-            study.set_user_attr("spec_hash", h)
-            study.set_user_attr("spec", spec.normalized())
-            study.set_user_attr("created_at", datetime.now(timezone.utc).isoformat())
+            study_set(study, StudyKey.SPEC_HASH, h)
+            study_set(study, StudyKey.SPEC, spec.normalized())
+            study_set(study, StudyKey.CREATED_AT, datetime.now(timezone.utc).isoformat())
             for seed in spec.seeds:
                 for name in spec.baselines:
-                    study.enqueue_trial(baseline_params(spec, seed), user_attrs={"baseline": name})
-        elif study.user_attrs.get("spec_hash") != h:
+                    enqueue(study, baseline_params(spec, seed), baseline=name)
+        elif study_get(study, StudyKey.SPEC_HASH) != h:
             if not allow_spec_change:
                 raise ConfigError(
                     f"study {spec.study!r} was created with a different search space (spec hash "
-                    f"{study.user_attrs.get('spec_hash')} != {h}); use a new study name or --allow-spec-change")
+                    f"{study_get(study, StudyKey.SPEC_HASH)} != {h}); use a new study name or --allow-spec-change")
             log.warning("resuming study %s with a changed spec (hash %s -> %s)", spec.study,
-                        study.user_attrs.get("spec_hash"), h)
-            study.set_user_attr("spec_hash", h)
-            study.set_user_attr("spec", spec.normalized())
+                        study_get(study, StudyKey.SPEC_HASH), h)
+            study_set(study, StudyKey.SPEC_HASH, h)
+            study_set(study, StudyKey.SPEC, spec.normalized())
     return study
 
 
@@ -304,7 +303,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def is_stale(trial: optuna.trial.FrozenTrial, now: Optional[float] = None) -> bool:
+def is_stale(trial, now: Optional[float] = None) -> bool:
     """A RUNNING trial whose worker is gone: its pid is dead on this host, or its heartbeat is
     older than STALE_SECONDS.
 
@@ -314,7 +313,8 @@ def is_stale(trial: optuna.trial.FrozenTrial, now: Optional[float] = None) -> bo
     its start.  Waiting STALE_SECONDS instead let a resumed run count it as running elsewhere
     and stop one trial short.  An unclaimed trial without a heartbeat: STALE_SECONDS."""
     now = time.time() if now is None else now
-    art = trial.user_attrs.get("artifact_dir")
+    trial = trial if isinstance(trial, TrialRecord) else TrialRecord.of(trial)  # (or an Optuna trial)
+    art = trial.artifact_dir
     hb = heartbeat_path(Path(art)) if art else None
     if hb is not None and hb.exists():
         try:
@@ -328,60 +328,33 @@ def is_stale(trial: optuna.trial.FrozenTrial, now: Optional[float] = None) -> bo
     return now - started > (HEARTBEAT_SECONDS if hb is not None else STALE_SECONDS)
 
 
-def retry_trial(study: optuna.Study, t: optuna.trial.FrozenTrial, reason: str) -> bool:
+def retry_trial(study: optuna.Study, t: TrialRecord, reason: str) -> bool:
     """Fail a RUNNING trial whose worker died and enqueue a retry with the same parameters
     that resumes from its artifact directory's checkpoint.  False if it finished meanwhile."""
     from . import adapters
 
-    adapters.set_trial_attr(study, adapters.trial_id(t), "failed_reason", reason)
+    write_by_id(study, t.trial_id, failed_reason=reason)
     try:
-        adapters.fail_trial(study, adapters.trial_id(t))
+        adapters.fail_trial(study, t.trial_id)
     except RuntimeError:  # finished meanwhile by another worker
         return False
-    attrs = {"retry_of": t.number, "artifact_id": t.user_attrs.get("artifact_id", t.number)}
-    for key in ("baseline", CONFIRM_ATTR):  # what the plan reads besides the parameters
-        if t.user_attrs.get(key):
-            attrs[key] = t.user_attrs[key]
-    study.enqueue_trial(dict(t.params), user_attrs=attrs)
+    # what the plan reads besides the parameters: a baseline's name, a confirmation's seed
+    enqueue(study, t.params, retry_of=t.number, artifact_id=t.artifact_id if t.artifact_id is not None else t.number,
+            **({"baseline": t.baseline} if t.baseline else {}), **({"confirm": t.confirm} if t.confirm else {}))
     return True
-
-
-OUTCOME_ATTR = "outcome"  # user attr: an Outcome value (INVALID is told to Optuna as PRUNED)
-
-
-class Outcome(str, Enum):
-    """How a decided trial ended (the leaderboard's ``state`` column)."""
-
-    COMPLETE = "COMPLETE"  # trained to the full budget and evaluated
-    PRUNED = "PRUNED"  # stopped early by the pruner / scheduler
-    FAIL = "FAIL"  # a decided failure: non-finite loss, failed Cholesky, an I/O error
-    INVALID = "INVALID"  # rejected before training (structure cannot reach the target, or no float64 factor)
-    DUPLICATE = "DUPLICATE"  # answered from an earlier trial of the same configuration
-
-    def __str__(self) -> str:
-        return self.value
-
-
-def is_failed(t: optuna.trial.FrozenTrial) -> bool:
-    """A decided trial that failed (not an INVALID structure, which is also told as FAIL)."""
-    if not (t.state == TrialState.FAIL and t.user_attrs.get(FINAL_ATTR)):
-        return False
-    return t.user_attrs.get(OUTCOME_ATTR, Outcome.FAIL) == Outcome.FAIL
 
 
 def count_trials(study: optuna.Study) -> dict[str, int]:
     """finished: decided trials that did not fail; failed: decided FAILs; decided: both;
-    duplicates: decided trials answered from an earlier trial's result (no training)."""
-    trials = study.get_trials(deepcopy=False)
-    decided = [t for t in trials if t.state.is_finished() and t.user_attrs.get(FINAL_ATTR)]
-    failed = sum(1 for t in decided if is_failed(t))
-    duplicates = sum(1 for t in decided if t.user_attrs.get(OUTCOME_ATTR) == Outcome.DUPLICATE)
+    duplicates: decided trials answered from an earlier trial's result (no training);
+    confirmation: confirmation trials trained or training (the search's budget leaves them out)."""
+    trials = records(study)
+    decided = [t for t in trials if t.decided]
+    failed = sum(1 for t in decided if t.failed)
+    duplicates = sum(1 for t in decided if t.duplicate)
     running = sum(1 for t in trials if t.state == TrialState.RUNNING)
     waiting = sum(1 for t in trials if t.state == TrialState.WAITING)
-    # confirmation trials (fresh seeds of the finalists) trained or training: not the search's budget
-    confirming = sum(1 for t in trials if t.user_attrs.get(CONFIRM_ATTR) and (
-        t.state == TrialState.RUNNING or (t.state.is_finished() and t.user_attrs.get(FINAL_ATTR)
-                                          and t.user_attrs.get(OUTCOME_ATTR) != Outcome.DUPLICATE)))
+    confirming = sum(1 for t in trials if t.confirm and (t.state == TrialState.RUNNING or (t.decided and not t.duplicate)))
     return {"finished": len(decided) - failed, "failed": failed, "decided": len(decided), "duplicates": duplicates,
             "running": running, "waiting": waiting, "confirmation": confirming, "total": len(trials)}
 
@@ -399,13 +372,8 @@ MAX_REPEATS = 50  # consecutive answers without training (duplicates, invalid) b
 def tried_configs(study: optuna.Study) -> int:
     """Distinct searched (non-baseline) configurations the study has decided by training or
     trying to train them (complete, pruned or failed; not invalid, not duplicates)."""
-    seen = set()
-    for t in study.get_trials(deepcopy=False):
-        if (t.state.is_finished() and t.user_attrs.get(FINAL_ATTR) and not t.user_attrs.get("baseline")
-                and not t.user_attrs.get(CONFIRM_ATTR)
-                and t.user_attrs.get(OUTCOME_ATTR) in (Outcome.COMPLETE, Outcome.PRUNED, Outcome.FAIL)):
-            seen.add(t.user_attrs.get("config_hash"))
-    return len(seen)
+    return len({t.config_hash for t in records(study) if t.decided and not t.baseline and not t.confirm
+                and t.outcome in (Outcome.COMPLETE, Outcome.PRUNED, Outcome.FAIL)})
 
 
 def stop_reason(study: optuna.Study, spec: SearchSpec, counts: dict[str, int], space_size: Optional[int],
@@ -413,8 +381,9 @@ def stop_reason(study: optuna.Study, spec: SearchSpec, counts: dict[str, int], s
     """Why no new trial should start, or None: n_trials reached (duplicates not counted), the
     finite space exhausted at this budget, or the sampler only repeating itself; a study that
     only confirms another's winner never searches."""
-    if study.user_attrs.get(CONFIRM_ONLY_ATTR):
-        return f"a confirmation of study {study.user_attrs[CONFIRM_ONLY_ATTR]['of']}: nothing to search"
+    confirms = study_get(study, StudyKey.CONFIRM_ONLY)
+    if confirms:
+        return f"a confirmation of study {confirms['of']}: nothing to search"
     if budget_used(counts) >= spec.n_trials:
         return f"n_trials={spec.n_trials} reached ({counts['duplicates']} duplicate(s) answered without training)"
     # (a space without any valid configuration runs on: its INVALID rows say why)
@@ -430,9 +399,9 @@ def stop_reason(study: optuna.Study, spec: SearchSpec, counts: dict[str, int], s
 def failure_summary(study: optuna.Study, limit: int = 3, width: int = 160) -> str:
     """One line: the failed trials grouped by reason, e.g. "trials 3, 5: non-finite loss ..."."""
     by_reason: dict[str, list[int]] = {}
-    for t in study.get_trials(deepcopy=False):
-        if is_failed(t):
-            reason = str(t.user_attrs.get("reason") or "no reason recorded")
+    for t in records(study):
+        if t.failed:
+            reason = str(t.reason or "no reason recorded")
             reason = reason.splitlines()[0] if reason.strip() else "no reason recorded"
             by_reason.setdefault(reason[:width], []).append(t.number)
     parts = [f"trial{'s' if len(n) > 1 else ''} {', '.join(map(str, n))}: {r}"
@@ -448,6 +417,6 @@ def metric_names(spec: SearchSpec) -> list[str]:
 
 def record_run(study: optuna.Study, spec: SearchSpec, executor: str) -> None:
     """Study attributes every executor sets (for `mdmsearch status` and dashboards)."""
-    study.set_user_attr("n_trials", spec.n_trials)
-    study.set_user_attr("workers", spec.workers)
-    study.set_user_attr("executor", executor)
+    study_set(study, StudyKey.N_TRIALS, spec.n_trials)
+    study_set(study, StudyKey.WORKERS, spec.workers)
+    study_set(study, StudyKey.EXECUTOR, executor)
