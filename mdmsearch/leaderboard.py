@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 
 from .compare import distinct_seeds, vs_reference
 from .errors import MDMError
-from .training.checkpoint import atomic_write
+from .io import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -136,10 +136,10 @@ def check_search(spec, flags: dict[str, bool]):
 def check_dataset(spec) -> None:
     """Load the spec's dataset once (the local executor keeps it cached): missing or unreadable
     files are the same failure for every trial, so a setup error, before any study exists."""
-    from .search.runner import load_data
+    from .data import load_cached
 
     try:
-        load_data(spec)
+        load_cached(spec.data)
     except MDMError:  # DatasetUnavailableError, CorruptDatasetError: already one line
         raise
     except (OSError, ValueError, RuntimeError) as exc:

@@ -20,8 +20,11 @@ from mdmsearch.data import (
     DataBundle,
     DatasetUnavailableError,
     available_datasets,
+    clear_cache,
     default_data_dir,
+    load_cached,
     load_dataset,
+    load_from_config,
     read_idx,
     register_dataset,
     save_image_grid,
@@ -178,6 +181,27 @@ def test_gaussian_meta_and_exact_likelihood():
 def test_generated_sizes_follow_n_args():
     b = load_dataset("moons", n_train=10, n_val=3, n_test=4)
     assert b.sizes() == {"train": 10, "val": 3, "test": 4}
+
+
+def test_a_data_config_loads_its_dataset_once_per_process():
+    """load_from_config is load_dataset with the config's fields; load_cached keeps one bundle
+    per distinct configuration (the search's trials, dry run and preflight share it)."""
+    from mdmsearch.config import DataConfig
+
+    cfg = DataConfig(name="moons", seed=3, n_train=10, n_val=3, n_test=4)
+    direct = load_from_config(cfg)
+    assert torch.equal(direct.train, load_dataset("moons", seed=3, n_train=10, n_val=3, n_test=4).train)
+    clear_cache()
+    try:
+        first = load_cached(cfg)
+        assert first is not direct and torch.equal(first.val, direct.val)
+        assert load_cached(cfg.model_copy()) is first  # equal configurations, one bundle
+        other = load_cached(cfg.model_copy(update={"seed": 4}))
+        assert other is not first and not torch.equal(other.train, first.train)
+        clear_cache()
+        assert load_cached(cfg) is not first
+    finally:
+        clear_cache()
 
 
 def test_digits():

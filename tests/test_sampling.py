@@ -12,6 +12,7 @@ from mdmsearch.sampling import (
     ode_log_likelihood,
     register_sampler,
     sample,
+    save_sample_figure,
     save_samples,
     score_fn,
     time_grid,
@@ -302,3 +303,14 @@ def test_to_images_inverts_preprocessing(tmp_path):
     assert save_samples(torch.randn(50, 2), tmp_path / "pts.png").stat().st_size > 0
     with pytest.raises(ValueError):
         save_samples(torch.randn(5, 3), tmp_path / "bad.png")
+
+
+def test_sample_figures_of_model_space_samples(tmp_path):
+    """Images (levels set) as a grid, 2-D points as a scatter; other vectors only with
+    first_two (the sample command), as their first two coordinates; else nothing is written."""
+    y, _ = logit_transform(dequantize(torch.randint(0, 17, (4, 1, 8, 8)), 17))
+    assert save_sample_figure(y, 17, tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    assert save_sample_figure(torch.randn(20, 2), None, tmp_path / "pts.png").name == "pts.png"
+    assert save_sample_figure(torch.randn(20, 3), None, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+    assert save_sample_figure(torch.randn(20, 3), None, tmp_path / "two.png", first_two=True).exists()

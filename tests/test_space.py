@@ -203,3 +203,27 @@ def test_a_known_invalid_structure_is_answered_not_counted(tmp_path):
         optuna.storages.journal.JournalFileBackend(str(tmp_path / "studies" / "inv" / "journal.log"))))
     told = {t.number: t.state.name for t in study.trials}
     assert told[int(invalid["trial"])] == "PRUNED" and told[int(dup["trial"])] == "PRUNED"
+
+
+def test_a_hyperparameter_declared_once_reaches_every_use(monkeypatch, tmp_path):
+    """The space is declared once (search/dimensions.py): one added dimension is suggested,
+    lands in the run config, is hashed, fixed for baselines, walked by the grid sampler, shown
+    and counted by the dry run."""
+    from mdmsearch.search import dimensions
+    from mdmsearch.search.dimensions import Dim
+    from mdmsearch.search.plan import baseline_params, suggest_plan
+    from mdmsearch.search.space import enumerate_space
+    from mdmsearch.search.study import grid_space
+
+    spec = SearchSpec.model_validate({"study": "d", "studies_dir": str(tmp_path), "baselines": ["vpsde"],
+                                      "structure": {"n_aux": [1], "q_patterns": ["full"], "d_patterns": ["full"]}})
+    before = enumerate_space(spec, check=False).configs
+    ema = Dim("ema", "hyper", lambda s: [0.999, 0.99], ("optim", "ema"))
+    monkeypatch.setattr(dimensions, "HYPER_DIMENSIONS", (*dimensions.HYPER_DIMENSIONS, ema))
+    plans = {v: suggest_plan(optuna.trial.FixedTrial({"ema": v}), spec) for v in (0.999, 0.99)}
+    assert plans[0.99].run_config(spec).optim.ema == 0.99 and plans[0.999].run_config(spec).optim.ema == 0.999
+    assert plans[0.99].config_hash(spec) != plans[0.999].config_hash(spec)
+    assert baseline_params(spec, 0)["ema"] == 0.999
+    assert grid_space(spec)["ema"] == [0.999, 0.99]
+    summary = enumerate_space(spec, check=False)
+    assert summary.hyper["ema"] == "2 choices [0.999, 0.99]" and summary.configs == 2 * before

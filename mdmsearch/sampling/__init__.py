@@ -1,7 +1,7 @@
 """Sampling (reverse SDE, probability-flow ODE) and exact likelihoods for linear MDMs."""
 
 from .grids import GRIDS, register_grid, time_grid
-from .images import save_samples, to_images, to_pixels
+from .images import save_sample_figure, save_samples, to_images, to_pixels
 from .likelihood import EXACT_TRACE_MAX_DIM, divergence_exact, divergence_hutchinson, ode_log_likelihood
 from .samplers import (
     FIXED_GRID_METHODS,
@@ -22,5 +22,5 @@ __all__ = [
     "probability_flow", "pf_drift", "reverse_sde_drift", "FIXED_GRID_METHODS", "time_grid", "GRIDS",
     "register_grid", "score_fn", "inv_chol_t", "PARAMETERIZATIONS", "ode_log_likelihood",
     "divergence_exact", "divergence_hutchinson", "EXACT_TRACE_MAX_DIM", "to_images", "to_pixels",
-    "save_samples",
+    "save_samples", "save_sample_figure",
 ]

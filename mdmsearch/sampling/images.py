@@ -10,7 +10,7 @@ import torch
 from ..data.grid import save_image_grid, save_scatter
 from ..objectives.bpd import LOGIT_ALPHA, inverse_logit_transform
 
-__all__ = ["to_images", "to_pixels", "save_samples"]
+__all__ = ["to_images", "to_pixels", "save_samples", "save_sample_figure"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,3 +42,16 @@ def save_samples(x_images: torch.Tensor, path: str | Path, nrow: int | None = No
     if x_images.dim() == 2 and x_images.shape[1] == 2:
         return save_scatter(x_images, path, **kwargs)
     raise ValueError(f"save_samples expects images [N, C, H, W] or points [N, 2], got {tuple(x_images.shape)}")
+
+
+def save_sample_figure(x: torch.Tensor, levels: int | None, path: str | Path, *,
+                       first_two: bool = False) -> Path | None:
+    """Model-space samples as a PNG: images (``levels`` set) as a grid of quantized pixels,
+    points [N, 2] as a scatter; other vectors as a scatter of their first two coordinates when
+    ``first_two``, else nothing is written (None)."""
+    if levels is not None:
+        return save_image_grid(to_images(x, levels).cpu(), path)
+    points = x.detach().cpu().reshape(x.shape[0], -1)  # [N, d]
+    if (x.dim() == 2 and x.shape[1] == 2) or first_two:
+        return save_scatter(points[:, :2], path)
+    return None

@@ -12,12 +12,12 @@ from typing import Any, Optional
 
 import torch
 
-from ..config import RunConfig, parse_run_config, resolve_parameterization
+from ..config import RunConfig, parse_run_config
 from ..errors import CholeskyError
 from ..diffusion.structure import StructureCheck, check_matrices, check_structure, d_pattern, q_pattern, stable_hash
+from . import dimensions
+from .dimensions import SEED, Dim, default_value, predictor_choices  # noqa: F401  (re-exported for callers)
 from .spec import FloatRange, SearchSpec
-
-HYPER_NAMES = ("lr", "process_lr", "gamma", "beta_1")
 # budget keys that change neither the training nor the value told to the study's pruner: runs that
 # differ only in these are one configuration (a confirmation trial's finer final evaluation)
 EVALUATION_ONLY = {"device", "threads", "test_n_t", "n_samples", "sample_steps"}
@@ -44,8 +44,13 @@ class TrialPlan:
     def n(self) -> int:
         return self.n_aux + 1
 
+    def _hyper_at(self, section: str) -> dict:
+        """The hyperparameters that land in one run-config section (their ``run_key``)."""
+        return {dim.run_key[1]: self.hyper[dim.name] for dim in dimensions.hyper()
+                if dim.run_key and dim.run_key[0] == section and self.hyper.get(dim.name) is not None}
+
     def process_config(self) -> dict:
-        common = {"gamma": self.hyper["gamma"], "beta_1": self.hyper["beta_1"]}
+        common = self._hyper_at("process")
         if self.baseline:
             return {"name": self.baseline, **common}
         return {"name": "learned", "n_aux": self.n_aux, "q_mask": self.q_mask, "d_mask": self.d_mask,
@@ -53,10 +58,7 @@ class TrialPlan:
 
     def model_config(self, spec: SearchSpec) -> dict:
         """The spec's model with this plan's noise predictor (parameterization, statistics)."""
-        model = spec.model.model_dump(mode="json")
-        model["parameterization"] = self.hyper.get("parameterization", model["parameterization"])
-        model["residual_stats"] = self.hyper.get("residual_stats") or model["residual_stats"]
-        return model
+        return {**spec.model.model_dump(mode="json"), **self._hyper_at("model")}
 
     def run_config(self, spec: SearchSpec) -> RunConfig:
         b = spec.budget
@@ -64,12 +66,11 @@ class TrialPlan:
             "process": self.process_config(),
             "data": spec.data.model_dump(mode="json"),
             "model": self.model_config(spec),
-            "optim": {"batch_size": b.batch_size, "lr": self.hyper["lr"], "process_lr": self.hyper["process_lr"]},
+            "optim": {"batch_size": b.batch_size, **self._hyper_at("optim")},
             "train": {"steps": b.steps, "eval_every": b.eval_every, "eval_examples": b.eval_examples,
-                      "eval_n_t": b.eval_n_t, "test_n_t": self.test_n_t or b.test_n_t,
-                      "time_sampler": self.hyper["time_sampler"], "t_min": b.t_min, "seed": self.seed,
-                      "device": b.device, "n_samples": b.n_samples, "sample_steps": b.sample_steps,
-                      "progress": False},
+                      "eval_n_t": b.eval_n_t, "test_n_t": self.test_n_t or b.test_n_t, "t_min": b.t_min,
+                      "seed": self.seed, "device": b.device, "n_samples": b.n_samples,
+                      "sample_steps": b.sample_steps, "progress": False, **self._hyper_at("train")},
         }
         return parse_run_config(data, f"trial plan for study {spec.study}")
 
@@ -93,14 +94,15 @@ class TrialPlan:
 
         Normalized first, so that aliases of one run share a hash: without auxiliary variables
         gamma (their initial variance) changes nothing, and 'auto' is the predictor it resolves to."""
-        process, hyper = self.process_config(), dict(self.hyper)
-        if self.n_aux == 0:
-            process.pop("gamma", None)
-            hyper.pop("gamma", None)
-        if "parameterization" in hyper:
-            hyper["parameterization"] = resolve_parameterization(hyper["parameterization"], self.n_aux)
-            if hyper["parameterization"] == "eps":
-                hyper["residual_stats"] = None
+        process, hyper = self.process_config(), {}
+        decided = {**self.hyper, "n_aux": self.n_aux}
+        for dim in dimensions.hyper():  # inert values are aliases: left out (from the process section too)
+            if dim.inert(decided):
+                if dim.run_key and dim.run_key[0] == "process":
+                    process.pop(dim.run_key[1], None)
+                continue
+            value = self.hyper.get(dim.name)
+            hyper[dim.name] = dim.canonical(value, decided) if value is not None else None
         key = {"process": process, "hyper": hyper,  # (what only evaluates or samples does not change the run)
                "budget": spec.budget.model_dump(mode="json", exclude=EVALUATION_ONLY),
                "data": spec.data.model_dump(mode="json"), "model": spec.model.model_dump(mode="json")}
@@ -122,36 +124,13 @@ class TrialPlan:
         return int(sum(map(sum, self.q_mask))), int(sum(map(sum, self.d_mask)))
 
 
-def default_value(r: FloatRange) -> float:
-    """The value baselines use for a searched float: fixed value, first choice or range midpoint."""
-    if r.value is not None:
-        return r.value
-    if r.choices is not None:
-        return r.choices[0]
-    return math.sqrt(r.low * r.high) if r.log else 0.5 * (r.low + r.high)
-
-
 def baseline_params(spec: SearchSpec, seed: int) -> dict[str, Any]:
-    """Fixed parameters enqueued for a baseline trial (hyperparameters at their defaults)."""
-    params: dict[str, Any] = {}
-    for name in HYPER_NAMES:
-        r = getattr(spec.hyper, name)
-        if r.value is None:
-            params[name] = default_value(r)
-    if len(spec.hyper.time_sampler) > 1:
-        params["time_sampler"] = spec.hyper.time_sampler[0]
-    for name, options in predictor_choices(spec).items():
-        if len(options) > 1:
-            params[name] = options[0]
-    if len(spec.seeds) > 1:
-        params["seed"] = seed
+    """Fixed parameters enqueued for a baseline trial: every searched hyperparameter at its
+    default (fixed value, first choice or range midpoint), and the seed."""
+    params = {dim.name: dim.default(spec) for dim in dimensions.hyper() if dim.searched(spec)}
+    if SEED.searched(spec):
+        params[SEED.name] = seed
     return params
-
-
-def predictor_choices(spec: SearchSpec) -> dict[str, list[str]]:
-    """Searched (or fixed) noise-predictor options: parameterization and residual statistics."""
-    return {"parameterization": list(spec.hyper.parameterization or [spec.model.parameterization]),
-            "residual_stats": list(spec.hyper.residual_stats or [spec.model.residual_stats])}
 
 
 def _suggest_float(trial, name: str, r: FloatRange) -> float:
@@ -166,21 +145,23 @@ def _choice(trial, name: str, options: list):
     return options[0] if len(options) == 1 else trial.suggest_categorical(name, options)
 
 
+def ask(trial, dim: Dim, spec: SearchSpec):
+    """A dimension's value for this trial: fixed, or suggested (a float range or a choice)."""
+    opts = dim.options(spec)
+    return _suggest_float(trial, dim.name, opts) if isinstance(opts, FloatRange) else _choice(trial, dim.name, list(opts))
+
+
 def suggest_plan(trial, spec: SearchSpec, baseline: Optional[str] = None, seed: Optional[int] = None,
                  test_n_t: Optional[int] = None) -> TrialPlan:
     """Sample (or read back, for enqueued trials) a plan.  ``trial`` is any Optuna trial.
     ``seed``/``test_n_t``: a confirmation trial's fresh seed (not one of the spec's, so not a
     parameter) and final-evaluation strata."""
-    hyper = {name: _suggest_float(trial, name, getattr(spec.hyper, name)) for name in HYPER_NAMES}
-    hyper["time_sampler"] = _choice(trial, "time_sampler", list(spec.hyper.time_sampler))
-    options = predictor_choices(spec)
-    hyper["parameterization"] = _choice(trial, "parameterization", options["parameterization"])
-    # the statistics mean nothing without the Gaussian part: not suggested (no aliases) for eps
-    hyper["residual_stats"] = (_choice(trial, "residual_stats", options["residual_stats"])
-                               if hyper["parameterization"] != "eps" else None)
-    seed = int(_choice(trial, "seed", list(spec.seeds))) if seed is None else int(seed)
+    hyper: dict[str, Any] = {}
+    for dim in dimensions.hyper():  # in declaration order (a sampler's draws depend on it)
+        hyper[dim.name] = ask(trial, dim, spec) if dim.active(hyper) else None
+    seed = int(ask(trial, SEED, spec)) if seed is None else int(seed)
     if baseline:
-        n_aux = {"vpsde": 0, "cld": 1, "alda": 2, "malda": 2}[baseline]
+        n_aux = baseline_n_aux(baseline)
         plan = TrialPlan(baseline, seed, n_aux, "fixed", "fixed", "fixed", False, [], [], hyper)
     else:
         plan = _suggest_structure(trial, spec, hyper, seed)
@@ -189,12 +170,21 @@ def suggest_plan(trial, spec: SearchSpec, baseline: Optional[str] = None, seed: 
     return plan
 
 
+def baseline_n_aux(name: str) -> int:
+    """A fixed process's number of auxiliary variables, from the process registry."""
+    from ..diffusion.presets import preset
+
+    return preset(name).n_aux
+
+
 def _suggest_structure(trial, spec: SearchSpec, hyper: dict, seed: int) -> TrialPlan:
     s = spec.structure
-    n_aux = int(_choice(trial, "n_aux", list(s.n_aux)))
+    decided: dict[str, Any] = {}
+    for dim in dimensions.structure():
+        if dim.active(decided) and not (s.per_entry and dim.name in ("q_pattern", "d_pattern")):
+            decided[dim.name] = ask(trial, dim, spec)
+    n_aux, d_param, learn = int(decided["n_aux"]), decided["d_param"], bool(decided["learn"])
     n = n_aux + 1
-    d_param = _choice(trial, "d_param", list(s.d_param))
-    learn = bool(_choice(trial, "learn", list(s.learn)))
     if n_aux == 0:
         # one variable: Q = 0 and D = [[d]] whatever the patterns say; suggesting patterns here
         # would only alias one structure under several names (and "aux" would be invalid)
@@ -214,8 +204,7 @@ def _suggest_structure(trial, spec: SearchSpec, hyper: dict, seed: int) -> Trial
                 dm[i][i] = int(trial.suggest_categorical(f"l_{i}{i}", [0, 1]))
         qp, dp = "per-entry", "per-entry"
     else:
-        qp = _choice(trial, "q_pattern", list(s.q_patterns))
-        dp = _choice(trial, "d_pattern", list(s.d_patterns))
+        qp, dp = decided["q_pattern"], decided["d_pattern"]
         qm = q_pattern(qp, n).to(torch.int64).tolist()
         dmask = d_pattern(dp, n)
         if d_param == "diag":

@@ -18,9 +18,9 @@ from optuna.trial import TrialState
 
 from .. import __version__
 from ..config import resolve_parameterization
-from ..data import DataBundle, load_dataset
+from ..data import load_cached
 from ..errors import MDMError
-from ..training.checkpoint import atomic_write_json
+from ..io import atomic_write_json
 from ..leaderboard import mask_json, write_curve, write_trial
 from ..training import StopTraining, Trainer
 from .confirm import Step, next_step, plan_overrides
@@ -40,18 +40,6 @@ class TrialOutcome:
     state: Outcome
     values: Optional[list[float]]
     row: dict
-
-
-_DATA_CACHE: dict = {}
-
-
-def load_data(spec: SearchSpec) -> DataBundle:
-    d = spec.data
-    key = d.model_dump_json()
-    if key not in _DATA_CACHE:
-        _DATA_CACHE[key] = load_dataset(d.name, data_dir=d.data_dir, seed=d.seed, n_train=d.n_train,
-                                        n_val=d.n_val, n_test=d.n_test, download=d.download, **d.options)
-    return _DATA_CACHE[key]
 
 
 def _base_row(spec: SearchSpec, number: int, plan: TrialPlan, executor: str, started: datetime) -> dict:
@@ -209,7 +197,7 @@ def train(run: TrialRun, report: Optional[Callable[[int, dict], None]]) -> Endin
     try:
         atomic_write_json(art_dir / "plan.json", {"plan": run.plan.__dict__, "trial": number})
         with Heartbeat(art_dir, number):
-            trainer = Trainer(config, art_dir, callback=reporter, data=load_data(spec))
+            trainer = Trainer(config, art_dir, callback=reporter, data=load_cached(spec.data))
             result = trainer.run(resume=True, replay=True)  # the pruner sees the curve from before a crash
     except MDMError as exc:  # NaN loss, failed Cholesky, invalid process: a decided failure
         log.warning("trial %d failed: %s", number, exc)

@@ -17,13 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from ..errors import MDMError
-from .plan import TrialPlan, default_value, suggest_plan
+from . import dimensions
+from .dimensions import default_value, is_structural
+from .plan import TrialPlan, suggest_plan
 from .spec import FloatRange, SearchSpec
 
 log = logging.getLogger(__name__)
 
 MAX_STRUCTURES = 5000  # leaves of the structure tree enumerated before giving up (per-entry spaces)
-_STRUCTURE_PARAMS = ("n_aux", "d_param", "learn", "q_pattern", "d_pattern")
 
 
 class _Branch(Exception):
@@ -83,10 +84,6 @@ def _walk(spec: SearchSpec, branch, fixed: Optional[dict] = None, limit: int = M
     return leaves
 
 
-def _is_structural(name: str) -> bool:
-    return name in _STRUCTURE_PARAMS or name.startswith(("q_", "l_"))
-
-
 @dataclass
 class Structure:
     """One distinct learned structure (masks, parameterization of D, learned or frozen)."""
@@ -127,7 +124,7 @@ def enumerate_space(spec: SearchSpec, *, check: bool = True) -> SpaceSummary:
     """Distinct structures (valid or not, with reasons), the hyperparameter choices, and the
     number of distinct configurations (None if a hyperparameter is continuous or the structure
     space is too large to enumerate)."""
-    leaves = _walk(spec, _is_structural)
+    leaves = _walk(spec, is_structural)
     summary = SpaceSummary(raw_structures=None if leaves is None else len(leaves),
                            baselines=len(spec.baselines) * len(spec.seeds))
     summary.hyper = _hyper_table(spec)
@@ -163,8 +160,8 @@ def _count_configs(spec: SearchSpec, structures: list[Structure]) -> tuple[int, 
     for s in structures:
         k = s.plan.n_aux
         if k not in per_k:
-            fixed = {name: value for name, value in s.plan.params.items() if _is_structural(name)}
-            leaves = _walk(spec, lambda name: not _is_structural(name), fixed, limit=100_000) or []
+            fixed = {name: value for name, value in s.plan.params.items() if is_structural(name)}
+            leaves = _walk(spec, lambda name: not is_structural(name), fixed, limit=100_000) or []
             per_k[k] = len({plan.config_hash(spec) for plan, _ in leaves})
             for _, probe in leaves:
                 continuous.update(probe.continuous)
@@ -172,19 +169,18 @@ def _count_configs(spec: SearchSpec, structures: list[Structure]) -> tuple[int, 
 
 
 def _hyper_table(spec: SearchSpec) -> dict[str, str]:
+    """Each hyperparameter dimension (and the seed): fixed, its choices, or its continuous range."""
     out = {}
-    for name in ("lr", "process_lr", "gamma", "beta_1"):
-        r: FloatRange = getattr(spec.hyper, name)
-        if r.value is not None:
-            out[name] = f"fixed {r.value:g}"
+    for dim in (*dimensions.hyper(), dimensions.SEED):
+        r = dim.options(spec)
+        if not isinstance(r, FloatRange):
+            out[dim.name] = _list_text(r)
+        elif r.value is not None:
+            out[dim.name] = f"fixed {r.value:g}"
         elif r.choices is not None:
-            out[name] = f"{len(r.choices)} choices {r.choices}"
+            out[dim.name] = f"{len(r.choices)} choices {r.choices}"
         else:
-            out[name] = f"continuous [{r.low:g}, {r.high:g}]{' log' if r.log else ''}"
-    out["time_sampler"] = _list_text(spec.hyper.time_sampler)
-    out["parameterization"] = _list_text(spec.hyper.parameterization or [spec.model.parameterization])
-    out["residual_stats"] = _list_text(spec.hyper.residual_stats or [spec.model.residual_stats])
-    out["seed"] = _list_text(spec.seeds)
+            out[dim.name] = f"continuous [{r.low:g}, {r.high:g}]{' log' if r.log else ''}"
     return out
 
 
@@ -207,14 +203,14 @@ def estimate_time(spec: SearchSpec, summary: SpaceSummary, repeats: int = 3) -> 
     validation, the final evaluation of both held-out splits and the samples."""
     import torch
 
+    from ..data import load_cached
     from ..training import Trainer
-    from .runner import load_data
 
     valid = summary.valid
     if not valid:
         return None
     biggest = max(valid, key=lambda s: (s.plan.n_aux, sum(map(sum, s.plan.d_mask)) + sum(map(sum, s.plan.q_mask))))
-    data = load_data(spec)
+    data = load_cached(spec.data)
     cfg = biggest.plan.run_config(spec)
     torch.set_num_threads(spec.budget.threads)
     with tempfile.TemporaryDirectory(prefix="mdmsearch-dry-run-") as tmp:
@@ -271,6 +267,11 @@ def describe(spec: SearchSpec, summary: SpaceSummary, estimate: Optional[TimeEst
                      f"{estimate.step_s * 1e3:.0f} ms/step, {estimate.eval_s * 1e3:.2f} ms per evaluated example "
                      f"and time); {trained} trained trials on {spec.workers} worker(s): about "
                      f"{_duration(total)} without pruning")
+    if spec.confirm.seeds:
+        c = spec.confirm
+        lines.append(f"confirmation: then up to {(c.top_k + 1) * c.seeds} trials (the winner, the best baseline and "
+                     f"{c.top_k - 1} runner(s)-up on up to {c.seeds} fresh seeds from {c.seed_start}, "
+                     f"{c.test_n_t or spec.budget.test_n_t} strata each)")
     return "\n".join(lines)
 
 

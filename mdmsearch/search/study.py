@@ -19,7 +19,8 @@ import optuna
 from optuna.trial import TrialState
 
 from ..errors import ConfigError
-from .plan import baseline_params, predictor_choices
+from . import dimensions
+from .plan import baseline_params
 from .record import (KEYS, Outcome, StudyKey, TrialRecord, enqueue, records, study_get, study_set,  # noqa: F401
                      write_by_id)
 from .spec import SearchSpec
@@ -123,26 +124,17 @@ class AskTellGridSampler(optuna.samplers.GridSampler):
 
 
 def grid_space(spec: SearchSpec) -> dict[str, list]:
-    st, hy = spec.structure, spec.hyper
-    if st.per_entry:
+    """The grid sampler's space: the choices of every searched dimension (a continuous range
+    or a per-entry structure cannot be a grid)."""
+    if spec.structure.per_entry:
         raise ConfigError("sampler.name: grid needs named patterns (structure.per_entry: false)")
-    space: dict[str, list] = {"n_aux": list(st.n_aux), "q_pattern": list(st.q_patterns), "d_pattern": list(st.d_patterns)}
-    for name in ("d_param", "learn"):
-        if len(getattr(st, name)) > 1:
-            space[name] = list(getattr(st, name))
-    for name in ("lr", "process_lr", "gamma", "beta_1"):
-        r = getattr(hy, name)
-        if r.low is not None:
-            raise ConfigError(f"hyper.{name}: the grid sampler needs a value or choices, not a range")
-        if r.choices is not None:
-            space[name] = list(r.choices)
-    if len(hy.time_sampler) > 1:
-        space["time_sampler"] = list(hy.time_sampler)
-    for name, options in predictor_choices(spec).items():
-        if len(options) > 1:
-            space[name] = options
-    if len(spec.seeds) > 1:
-        space["seed"] = list(spec.seeds)
+    space: dict[str, list] = {}
+    for dim in dimensions.all_dims():
+        choices = dim.choices(spec)
+        if choices is None:
+            raise ConfigError(f"hyper.{dim.name}: the grid sampler needs a value or choices, not a range")
+        if len(choices) > 1:
+            space[dim.name] = choices
     return space
 
 

@@ -1,9 +1,20 @@
-"""Training one diffusion: the inner loop, evaluation, checkpoints."""
+"""Training one diffusion: building its pieces, the inner loop, evaluation, checkpoints, artifacts.
 
-from .checkpoint import atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint
+    build        config -> Parts (data, process, network, optimizer, EMA, generators)
+    trainer      Trainer: the loop, evaluation during training, checkpoints and resume
+    inference    evaluation, PF-ODE likelihood and sampling with the reported (EMA) weights
+    artifacts    the files a run writes (history.csv, per_example.parquet, metrics.json, ...)
+
+Atomic file writes are :mod:`mdmsearch.io`'s.
+"""
+
+from .build import Parts, build_parts, make_optimizer, resolve_device
+from .checkpoint import load_checkpoint, save_checkpoint
 from .ema import EMA
 from .evaluate import evaluate_bpd, prepare_batch
-from .trainer import CHECKPOINT, RunProgress, RunResult, StopTraining, Trainer, resolve_device
+from .inference import draw_samples, evaluate_model, ode_evaluate, reported_weights
+from .trainer import CHECKPOINT, RunProgress, RunResult, StopTraining, Trainer
 
-__all__ = ["Trainer", "RunResult", "RunProgress", "StopTraining", "EMA", "evaluate_bpd", "prepare_batch", "save_checkpoint", "load_checkpoint",
-           "atomic_write_json", "atomic_write_text", "resolve_device", "CHECKPOINT"]
+__all__ = ["Trainer", "RunResult", "RunProgress", "StopTraining", "EMA", "evaluate_bpd", "prepare_batch",
+           "save_checkpoint", "load_checkpoint", "resolve_device", "CHECKPOINT", "Parts", "build_parts",
+           "make_optimizer", "reported_weights", "evaluate_model", "ode_evaluate", "draw_samples"]

@@ -1,58 +1,19 @@
-"""Atomic checkpoint and file writes: a crash never leaves a half-written file."""
+"""Atomic checkpoints: ``torch.save`` through :mod:`mdmsearch.io`, what a damaged one raises, and
+whether a checkpoint's configuration allows the current run to resume from it."""
 
 from __future__ import annotations
 
 import io
-import json
-import logging
-import os
 import pickle
-import tempfile
-import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable
 
 import torch
 
-log = logging.getLogger(__name__)
+from ..io import atomic_write_bytes
 
-
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """``write(tmp_path)`` into a temp file beside ``path``, fsync, then rename over ``path``:
-    readers see the old file or the new one, never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_jsonable) + "\n")
-
-
-def _jsonable(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+__all__ = ["save_checkpoint", "load_checkpoint", "checkpoint_step", "config_mismatch", "UNREADABLE",
+           "RESUMABLE_CHANGES"]
 
 
 def save_checkpoint(path: str | Path, state: dict) -> None:
@@ -68,6 +29,7 @@ UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, zipfil
 
 
 def load_checkpoint(path: str | Path, map_location=None) -> dict:
+    """The state dict in ``path`` (full unpickling: checkpoints are written by this package)."""
     return torch.load(path, map_location=map_location, weights_only=False)
 
 
@@ -79,15 +41,28 @@ def checkpoint_step(path: str | Path) -> int | None:
         return None
 
 
-def set_aside(path: str | Path, why: str) -> Path:
-    """Rename a damaged file to ``<name>.corrupt-<time>`` (kept for inspection, never read again)."""
-    path = Path(path)
-    dest = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.replace(path, dest)
-    log.warning("%s cannot be loaded (%s): moved aside to %s", path, why, dest.name)
-    return dest
+# train.* keys a resumed run may change: the budget may grow, the progress display is the caller's
+RESUMABLE_CHANGES = ("steps", "progress")
+_MISSING = object()
 
 
-def write_parquet_atomic(frame, path: str | Path) -> None:
-    """A pandas DataFrame as a Parquet file (pyarrow), atomically."""
-    atomic_write(path, lambda tmp: frame.to_parquet(tmp, engine="pyarrow", index=False))
+def config_mismatch(saved: dict, current: dict) -> list[str]:
+    """Dotted keys in which a checkpoint's configuration (upgraded to the current schema) and
+    the current one differ, apart from :data:`RESUMABLE_CHANGES`: empty when it may resume."""
+    def comparable(cfg: dict) -> dict:
+        return {**cfg, "train": {k: v for k, v in cfg["train"].items() if k not in RESUMABLE_CHANGES}}
+
+    return _differing_keys(comparable(saved), comparable(current))
+
+
+def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested configuration dicts (a key missing
+    on one side differs from any value, None included: empty exactly when ``a == b``)."""
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key, _MISSING), b.get(key, _MISSING)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _differing_keys(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}")
+    return out

@@ -8,42 +8,43 @@ an atomic checkpoint, then ``callback(step, metrics)``; a callback ends the run 
 raising :class:`StopTraining` (the search's pruner does), which :meth:`Trainer.run` turns into
 a stopped :class:`RunResult`.  A resumed run continues exactly as an uninterrupted one (all
 randomness comes from generators whose states are checkpointed).
+
+The pieces are built by :mod:`.build`, evaluation and sampling go through :mod:`.inference`
+(the reported, EMA weights), and the files a run writes are :mod:`.artifacts`'.
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import yaml
 
-from ..config import RunConfig, resolve_parameterization, upgrade_saved_config
-from ..data import DataBundle, load_dataset
+from ..config import RunConfig, upgrade_saved_config
+from ..data import DataBundle
 from ..diffusion.process import LinearMDM
 from ..errors import ConfigError, NonFiniteLossError
-from ..nets import build_network, count_parameters
-from ..objectives import elbo, make_time_sampler
-from ..objectives.residual import GaussianStats, ResidualEps, residual_stats
-from ..objectives.time_sampling import AdaptiveTime
-from .checkpoint import (UNREADABLE, atomic_write_json, atomic_write_text, load_checkpoint, save_checkpoint, set_aside,
-                         write_parquet_atomic)
+from ..io import set_aside
+from ..objectives import elbo
+from ..objectives.residual import GaussianStats, ResidualEps
+from ..objectives.time_sampling import AdaptiveTime, TimeSampler
+from . import artifacts
+from .artifacts import PER_EXAMPLE_FILE, RESIDUAL_STATS_FILE  # noqa: F401  (names callers import from here)
+from .build import Parts, build_parts, make_optimizer, resolve_device  # noqa: F401  (re-exported: benchmarks)
+from .checkpoint import UNREADABLE, config_mismatch, load_checkpoint, save_checkpoint
 from .ema import EMA
-from .evaluate import data_moments, evaluate_bpd, prepare_batch
+from .evaluate import prepare_batch
+from .inference import evaluate_model
 from .progress import StepProgress
 
 log = logging.getLogger(__name__)
 
 Callback = Callable[[int, dict], None]
 CHECKPOINT = "checkpoint.pt"
-RESIDUAL_STATS_FILE = "residual_stats.json"  # mu, s2 of the Gaussian part (mixed parameterization)
-from ..compare import PER_EXAMPLE_FILE  # noqa: E402  per-example val/test BPD for paired comparisons
 
 
 class StopTraining(Exception):
@@ -76,34 +77,6 @@ class RunResult:
     reason: Optional[str] = None
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def network_name(config: RunConfig, data_shape: tuple[int, ...]) -> str:
-    if config.model.name != "auto":
-        return config.model.name
-    return "mlp" if len(data_shape) == 1 else "unet"
-
-
-# devices with fused Adam kernels: one kernel for all parameters
-_FUSED_ADAM_DEVICES = ("cpu", "cuda")
-
-
-def make_optimizer(groups: list[dict], weight_decay: float, device: torch.device) -> torch.optim.Optimizer:
-    """Adam (AdamW with weight decay) over parameter groups, with the fastest implementation
-    the device has: fused on CPU and CUDA, multi-tensor (foreach) elsewhere.  Fused vs foreach
-    on CPU, measured in whole training steps (tiny U-Net, digits, batch 64): 24.0 -> 22.8 ms
-    (VPSDE), 26.9 -> 25.6 ms (learned K = 3); at MNIST size the optimizer is lost in the
-    network's time.  The default on CPU, a Python loop over parameters, is slower than both."""
-    adam = torch.optim.Adam if weight_decay == 0 else torch.optim.AdamW
-    if device.type in _FUSED_ADAM_DEVICES:
-        return adam(groups, fused=True)
-    return adam(groups, foreach=True)
-
-
 def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
     """2-norm of all gradients together (float64 scalar).
 
@@ -121,64 +94,48 @@ def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
 
 class Trainer:
+    """One run: its pieces (:class:`~.build.Parts`, as attributes), its step, history and best
+    validation BPD; :meth:`fit` trains, evaluates, checkpoints and writes the artifacts."""
+
+    # the pieces, from build_parts (callers read and replace them: tr.net, tr.ema, tr.optimizer, ...)
+    device: torch.device
+    data: DataBundle
+    train_x: torch.Tensor
+    process: LinearMDM
+    net: torch.nn.Module
+    parameterization: str
+    model: Callable
+    time_sampler: TimeSampler
+    eval_sampler: TimeSampler
+    process_params: list[torch.nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    ema: EMA
+    data_gen: torch.Generator
+    noise_gen: torch.Generator
+    n_params: int
+
     def __init__(self, config: RunConfig, out_dir: str | Path, callback: Optional[Callback] = None,
                  data: Optional[DataBundle] = None):
         self.config = config
         self.out_dir = Path(out_dir)
         self.callback = callback
-        self.device = resolve_device(config.train.device)
-        tc = config.train
-        torch.manual_seed(tc.seed)
-        self.data = data if data is not None else load_dataset(
-            config.data.name, data_dir=config.data.data_dir, seed=config.data.seed, n_train=config.data.n_train,
-            n_val=config.data.n_val, n_test=config.data.n_test, download=config.data.download, **config.data.options)
-        self.process: LinearMDM = config.process.build(seed=tc.seed).to(self.device)
-        self.process.validate()  # invalid structures cost no training
-        self.net = build_network(network_name(config, self.data.shape), n_vars=self.process.n,
-                                 data_shape=tuple(self.data.shape), size=config.model.size,
-                                 **config.model.options).to(self.device)
-        # the noise predictor the ELBO, evaluation and samplers see: the network, or the exact
-        # Gaussian-data prediction plus the network (statistics of the training split, fixed)
-        self.parameterization = resolve_parameterization(config.model.parameterization, self.process.n_aux)
-        self.model = (ResidualEps(self.net, self._residual_stats()).to(self.device)
-                      if self.parameterization == "mixed" else self.net)
-        self.train_x = self.data.train.to(self.device)
-        self.time_sampler = make_time_sampler(tc.time_sampler, self.process, t_min=tc.t_min)
-        self.eval_sampler = make_time_sampler("adaptive" if tc.time_sampler == "adaptive" else "vp",
-                                              self.process, t_min=tc.t_min)
-        self.process_params = [p for p in self.process.parameters() if p.requires_grad]
-        groups = [{"params": list(self.net.parameters()), "lr": config.optim.lr,
-                   "weight_decay": config.optim.weight_decay}]
-        if self.process_params and config.optim.process_lr > 0:
-            groups.append({"params": self.process_params, "lr": config.optim.process_lr, "weight_decay": 0.0})
-        self.optimizer = make_optimizer(groups, config.optim.weight_decay, self.device)
-        warmup = config.optim.warmup
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup > 0 else 1.0)
-        self.ema = EMA(list(self.net.parameters()) + self.process_params, config.optim.ema)
-        self.data_gen = torch.Generator().manual_seed(tc.seed + 1)  # batch indices (CPU)
-        self.noise_gen = torch.Generator(device=self.device).manual_seed(tc.seed + 2)  # t, eps, dequantization
+        parts = build_parts(config, data)
+        for f in fields(Parts):
+            setattr(self, f.name, getattr(parts, f.name))
         self.step = 0
         self.train_seconds = 0.0
         self.history: list[dict] = []
         self.best_val = math.inf
-        self.n_params = count_parameters(self.net)
         self._last_eval: Optional[tuple] = None
         self.running_loss: Optional[float] = None
 
-    # ------------------------------------------------------------------ pieces
-    def _residual_stats(self) -> GaussianStats:
-        """mu, s2 per coordinate of the training split in model space (dequantized with a fixed
-        seed, logit-transformed), reduced to ``model.residual_stats``."""
-        gen = torch.Generator().manual_seed(self.config.train.seed + 3)
-        mean, var = data_moments(self.data.train, self.data.levels, gen)
-        return GaussianStats(*residual_stats(mean, var, self.config.model.residual_stats),
-                             kind=self.config.model.residual_stats)
-
     @property
     def residual(self) -> Optional[GaussianStats]:
+        """The statistics of the Gaussian part (mixed parameterization), else None."""
         return self.model.stats if isinstance(self.model, ResidualEps) else None
 
+    # ------------------------------------------------------------------ one step
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Negative ELBO in nats per dimension without the truncation term at t_min: that term
         costs a second network pass, and its value (and so its pull on Q and D) is small, 0.001
@@ -189,6 +146,7 @@ class Trainer:
         return -nats.mean() / self.data.dim
 
     def train_step(self) -> float:
+        """One optimizer step on a random batch; the loss (nats/dim) before the step."""
         idx = torch.randint(0, self.train_x.shape[0], (self.config.optim.batch_size,), generator=self.data_gen)
         batch = self.train_x[idx.to(self.device)]
         if not self.net.training:  # (evaluation switches it off; walking the modules every step costs)
@@ -228,6 +186,9 @@ class Trainer:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
 
     def evaluate(self, split: str = "val", n_examples: Optional[int] = None, n_t: Optional[int] = None) -> dict:
+        """BPD of the reported (EMA) model on the first ``n_examples`` of ``split`` with ``n_t``
+        time strata (default ``train.eval_n_t``) and the evaluation seed; see
+        :func:`~.inference.evaluate_model`.  Repeated at the same step, the same numbers."""
         tc = self.config.train
         n_t = tc.eval_n_t if n_t is None else int(n_t)
         data = getattr(self.data, split)
@@ -236,18 +197,14 @@ class Trainer:
         key = (split, self.step, int(data.shape[0]), n_t)
         if self._last_eval is not None and self._last_eval[0] == key:
             return dict(self._last_eval[1])  # same weights, same data, same seed: same numbers
-        self.net.eval()
-        with self.ema.applied():
-            if isinstance(self.eval_sampler, AdaptiveTime):
-                self.eval_sampler.refresh(self.process)
-            res = evaluate_bpd(self.process, self.model, data, self.data.levels, time_sampler=self.eval_sampler,
-                               batch_size=tc.eval_batch_size, n_t=n_t, seed=tc.eval_seed, device=self.device,
-                               return_all=True)
+        res = evaluate_model(self, data, self.data.levels, time_sampler=self.eval_sampler, n_t=n_t,
+                             seed=tc.eval_seed, batch_size=tc.eval_batch_size)
         self._last_eval = (key, dict(res))
         return res
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
+        """Everything a resumed run needs to continue exactly: weights, optimizer, RNG states."""
         return {
             "config": self.config.model_dump(mode="json"),
             "step": self.step,
@@ -275,6 +232,7 @@ class Trainer:
                               f"{self.parameterization!r}; the network outputs mean different things")
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore a :meth:`state_dict` (of a run with the same parameterization)."""
         self._check_parameterization(state)
         if self.residual is not None:
             self.residual.load_state_dict(state["residual_stats"])  # the statistics trained with, not recomputed
@@ -305,6 +263,8 @@ class Trainer:
                            train_seconds=self.train_seconds, n_params=self.n_params)
 
     def try_resume(self) -> bool:
+        """Continue from the checkpoint in ``out_dir`` if there is one: False when there is none or
+        it was damaged (set aside, the run starts again); a different configuration is an error."""
         path = self.out_dir / CHECKPOINT
         if not path.exists():
             return False
@@ -313,13 +273,8 @@ class Trainer:
         except UNREADABLE as exc:  # torn or damaged at rest: start this run again from scratch
             set_aside(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return False
-        saved = upgrade_saved_config(state["config"])
-        current = self.config.model_dump(mode="json")
-        # the budget may grow on resume; everything else must match
-        saved["train"] = {k: v for k, v in saved["train"].items() if k not in ("steps", "progress")}
-        cur_cmp = {**current, "train": {k: v for k, v in current["train"].items() if k not in ("steps", "progress")}}
-        if saved != cur_cmp:
-            differ = _differing_keys(saved, cur_cmp)
+        differ = config_mismatch(upgrade_saved_config(state["config"]), self.config.model_dump(mode="json"))
+        if differ:
             raise ConfigError(f"{path}: checkpoint was written by a different configuration ({', '.join(differ[:5])}"
                               f"{', ...' if len(differ) > 5 else ''}); use another --out")
         self.load_state_dict(state)
@@ -328,13 +283,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self, resume: bool = False) -> dict:
+        """Train to ``train.steps`` (from the checkpoint with ``resume``), then :meth:`finish`."""
         tc = self.config.train
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False))
+        artifacts.write_config(self.out_dir, self.config)
         if resume:
             self.try_resume()
         if self.residual is not None:
-            atomic_write_json(self.out_dir / RESIDUAL_STATS_FILE, self.residual.to_dict())
+            artifacts.write_residual_stats(self.out_dir, self.residual)
         if self.step == 0:
             log.info("process %s (n=%d, %s), network %d params, dataset %s %s", self.process.name, self.process.n,
                      "learned" if self.process_params else "fixed", self.n_params, self.data.name, self.data.shape)
@@ -375,38 +331,42 @@ class Trainer:
         self.history.append(row)
         log.info("step %d  loss %.4f  val_bpd %.4f", self.step, running_loss if running_loss is not None else float("nan"), res["bpd"])
         self.save()
-        self._write_history()
+        artifacts.write_history(self.out_dir, self.history)
         if self.callback is not None:
             self.callback(self.step, dict(row))
 
-    def _write_history(self) -> None:
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=["step", "train_loss", "val_bpd", "val_bpd_se", "train_seconds"])
-        writer.writeheader()
-        writer.writerows(self.history)
-        atomic_write_text(self.out_dir / "history.csv", buf.getvalue())
-
+    # ------------------------------------------------------------------ the end
     def process_summary(self) -> dict:
-        with self.ema.applied():
-            q = self.process.Q.detach().cpu()
-            d = self.process.D.detach().cpu()
-            a = self.process.A.detach().cpu()
-        return {"name": self.process.name, "n_aux": self.process.n_aux, "Q": q.tolist(), "D": d.tolist(),
-                "eig_A_real": torch.linalg.eigvals(a).real.tolist(), "eig_A_imag": torch.linalg.eigvals(a).imag.tolist(),
-                "structure": self.process.structure(), "structure_hash": self.process.structure_hash()}
+        """The reported (EMA) process: see :func:`~.artifacts.process_summary`."""
+        return artifacts.process_summary(self.process, self.ema)
+
+    def write_samples(self, n: int) -> str:
+        """samples.png from ``n`` samples of the reported model; its file name ("" if none)."""
+        tc = self.config.train
+        return artifacts.write_samples(self.out_dir, self, self.data, n, steps=tc.sample_steps, t_min=tc.t_min,
+                                       seed=tc.eval_seed)
 
     def finish(self) -> dict:
         """Final evaluation (val, then test once), artifacts and metrics.json."""
-        from ..viz import plot_qd
-
         tc = self.config.train
         # the final evaluation ranks runs: both held-out splits with test_n_t strata (paired SE of a
         # difference between two digits runs ~0.005 bpd at 384), validation during training with eval_n_t
         val = self.evaluate("val", n_t=tc.test_n_t)
         test = self.evaluate("test", n_t=tc.test_n_t)
-        self._write_per_example(val, test)
+        artifacts.write_per_example(self.out_dir, val, test, tc.test_n_t)
         summary = self.process_summary()
-        metrics = {
+        metrics = self._final_metrics(val, test, summary)
+        artifacts.write_process(self.out_dir, summary, self.step)
+        if tc.n_samples > 0:
+            metrics["samples"] = self.write_samples(tc.n_samples)
+        artifacts.write_metrics(self.out_dir, metrics)
+        log.info("done: val_bpd %.4f test_bpd %.4f (%d steps, %.1fs)", val["bpd"], test["bpd"], self.step, self.train_seconds)
+        return metrics
+
+    def _final_metrics(self, val: dict, test: dict, summary: dict) -> dict:
+        """metrics.json of the run: the final val and test BPD, the budget and the learned Q, D."""
+        tc = self.config.train
+        return {
             "dataset": self.data.name, "process": self.process.name, "n_aux": self.process.n_aux,
             "structure_hash": summary["structure_hash"], "steps": self.step, "train_seconds": self.train_seconds,
             "n_params": self.n_params, "val_bpd": val["bpd"], "val_bpd_se": val["bpd_se"], "val_n": val["n"],
@@ -415,56 +375,6 @@ class Trainer:
             "best_val_bpd": min(self.best_val, val["bpd"]), "prior_kl_per_dim": val["prior_kl_per_dim"],
             "Q": summary["Q"], "D": summary["D"], "levels": self.data.levels, "dim": self.data.dim,
         }
-        atomic_write_json(self.out_dir / "process.json", summary)
-        plot_qd(summary["Q"], summary["D"], self.out_dir / "qd.png",
-                title=f"{self.process.name} (K={self.process.n_aux}) after {self.step} steps")
-        if tc.n_samples > 0:
-            metrics["samples"] = self.write_samples(tc.n_samples)
-        atomic_write_json(self.out_dir / "metrics.json", metrics)
-        log.info("done: val_bpd %.4f test_bpd %.4f (%d steps, %.1fs)", val["bpd"], test["bpd"], self.step, self.train_seconds)
-        return metrics
-
-    def _write_per_example(self, val: dict, test: dict) -> None:
-        """Per-example BPD of the final evaluations (same examples and evaluation seed in every
-        run on this data: paired comparisons between runs come from these files)."""
-        import pandas as pd
-
-        frames = [pd.DataFrame({"split": split, "index": range(len(res["per_example"])),
-                                "bpd": res["per_example"].numpy(), "n_t": n_t})
-                  for split, res, n_t in (("val", val, self.config.train.test_n_t),
-                                          ("test", test, self.config.train.test_n_t))]
-        write_parquet_atomic(pd.concat(frames, ignore_index=True), self.out_dir / PER_EXAMPLE_FILE)
-
-    def write_samples(self, n: int) -> str:
-        from ..sampling import sample, to_images
-        from ..data import save_image_grid, save_scatter
-
-        gen = torch.Generator(device=self.device).manual_seed(self.config.train.eval_seed)
-        self.net.eval()
-        with self.ema.applied():
-            x = sample(self.process, self.model, n, tuple(self.data.shape), sampler="em",
-                       steps=self.config.train.sample_steps, t_min=self.config.train.t_min, generator=gen,
-                       device=self.device)
-        path = self.out_dir / "samples.png"
-        if self.data.levels is not None:
-            save_image_grid(to_images(x, self.data.levels).cpu(), path)
-        elif len(self.data.shape) == 1 and self.data.shape[0] == 2:
-            save_scatter(x.cpu(), path)
-        else:
-            return ""
-        return path.name
-
-
-def _differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two nested configuration dicts."""
-    out = []
-    for key in sorted(set(a) | set(b)):
-        va, vb = a.get(key), b.get(key)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            out += _differing_keys(va, vb, f"{prefix}{key}.")
-        elif va != vb:
-            out.append(f"{prefix}{key}")
-    return out
 
 
 def _progress(tc, initial: int) -> Optional[StepProgress]:
