@@ -9,6 +9,7 @@ least every ``every_s`` seconds instead.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from typing import Optional
@@ -53,8 +54,9 @@ class StepProgress:
     def _line(self, now: float, loss: float, best_val: float) -> None:
         rate = (self.step - self._start) / max(now - self._t0, 1e-9)
         eta = (self.total - self.step) / rate if rate > 0 else float("nan")
-        log.info("train: step %d/%d (%d%%), %.1f steps/s, loss %.4f, best val_bpd %.4f, ETA %.0fs",
-                 self.step, self.total, 100 * self.step // max(self.total, 1), rate, loss, best_val, eta)
+        best = f"{best_val:.4f}" if math.isfinite(best_val) else "not yet evaluated"
+        log.info("train: step %d/%d (%d%%), %.1f steps/s, loss %.4f, best val_bpd %s, ETA %.0fs",
+                 self.step, self.total, 100 * self.step // max(self.total, 1), rate, loss, best, eta)
 
     def close(self) -> None:
         if self._bar is not None:
