@@ -162,15 +162,10 @@ class UNetScoreNet(nn.Module):
         self.time_scale = float(time_scale)
         self.base_channels = int(base_channels)
         attn_resolutions = {int(r) for r in attn_resolutions}
-        dropout = float(dropout)
-        max_groups = int(max_groups)
-        num_heads = int(num_heads)
-
         c_data, height, width = self.data_shape
         in_ch = self.n_vars * c_data
         ch = self.base_channels
         emb_dim = 4 * ch
-
         self.time_mlp = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv2d(in_ch, ch, 3, padding=1)
 
@@ -182,19 +177,33 @@ class UNetScoreNet(nn.Module):
         self.level_sizes = tuple(sizes)
         self.attn_levels = tuple(i for i, s in enumerate(sizes) if min(s) in attn_resolutions)
 
-        # Down path; skip_chs tracks channels of every tensor pushed on the skip stack.
-        self.down_blocks = nn.ModuleList()
-        self.down_attns = nn.ModuleList()
-        self.downsamplers = nn.ModuleList()
-        skip_chs = [ch]
-        cur = ch
+        def res(c_in: int, c_out: int) -> ResBlock:
+            return ResBlock(c_in, c_out, emb_dim, float(dropout), int(max_groups))
+
+        def attn(c: int, use: bool) -> nn.Module:
+            return AttnBlock(c, int(num_heads), int(max_groups)) if use else nn.Identity()
+
+        cur, skip_chs = self._build_down(ch, channel_mult, num_res_blocks, res, attn)
+        self.mid_block1 = res(cur, cur)
+        self.mid_attn = attn(cur, mid_attention)
+        self.mid_block2 = res(cur, cur)
+        cur = self._build_up(ch, cur, skip_chs, channel_mult, num_res_blocks, res, attn)
+
+        self.norm_out = _norm(cur, int(max_groups))
+        self.act = nn.SiLU()
+        # Zero-initialised so eps_hat starts at 0 (standard DDPM practice).
+        self.conv_out = _zero_(nn.Conv2d(cur, in_ch, 3, padding=1))
+
+    def _build_down(self, ch, channel_mult, num_res_blocks, res, attn) -> tuple[int, list[int]]:
+        """Down path; returns the last width and the channels of every tensor pushed on the skip stack."""
+        self.down_blocks, self.down_attns, self.downsamplers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        skip_chs, cur = [ch], ch
         for level, mult in enumerate(channel_mult):
-            out = ch * mult
-            use_attn = level in self.attn_levels
+            out, use_attn = ch * mult, level in self.attn_levels
             blocks, attns = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
-                blocks.append(ResBlock(cur, out, emb_dim, dropout, max_groups))
-                attns.append(AttnBlock(out, num_heads, max_groups) if use_attn else nn.Identity())
+                blocks.append(res(cur, out))
+                attns.append(attn(out, use_attn))
                 cur = out
                 skip_chs.append(cur)
             self.down_blocks.append(blocks)
@@ -202,34 +211,25 @@ class UNetScoreNet(nn.Module):
             if level != len(channel_mult) - 1:
                 self.downsamplers.append(Downsample(cur))
                 skip_chs.append(cur)
+        return cur, skip_chs
 
-        # Middle.
-        self.mid_block1 = ResBlock(cur, cur, emb_dim, dropout, max_groups)
-        self.mid_attn = AttnBlock(cur, num_heads, max_groups) if mid_attention else nn.Identity()
-        self.mid_block2 = ResBlock(cur, cur, emb_dim, dropout, max_groups)
-
-        # Up path (levels in reverse order; up_blocks[0] is the deepest level).
-        self.up_blocks = nn.ModuleList()
-        self.up_attns = nn.ModuleList()
-        self.upsamplers = nn.ModuleList()
+    def _build_up(self, ch, cur, skip_chs, channel_mult, num_res_blocks, res, attn) -> int:
+        """Up path (levels in reverse order; up_blocks[0] is the deepest level); consumes skip_chs."""
+        self.up_blocks, self.up_attns, self.upsamplers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for level in reversed(range(len(channel_mult))):
-            out = ch * channel_mult[level]
-            use_attn = level in self.attn_levels
+            out, use_attn = ch * channel_mult[level], level in self.attn_levels
             blocks, attns = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResBlock(cur + skip_chs.pop(), out, emb_dim, dropout, max_groups))
-                attns.append(AttnBlock(out, num_heads, max_groups) if use_attn else nn.Identity())
+                blocks.append(res(cur + skip_chs.pop(), out))
+                attns.append(attn(out, use_attn))
                 cur = out
             self.up_blocks.append(blocks)
             self.up_attns.append(attns)
             if level != 0:
                 self.upsamplers.append(Upsample(cur))
-        assert not skip_chs, "unet: skip bookkeeping mismatch"
-
-        self.norm_out = _norm(cur, max_groups)
-        self.act = nn.SiLU()
-        # Zero-initialised so eps_hat starts at 0 (standard DDPM practice).
-        self.conv_out = _zero_(nn.Conv2d(cur, in_ch, 3, padding=1))
+        if skip_chs:
+            raise AssertionError("unet: skip bookkeeping mismatch")
+        return cur
 
     def forward(self, z: torch.Tensor, t: torch.Tensor | float) -> torch.Tensor:
         # z: [B, n, C, H, W]

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Optional
@@ -20,6 +21,7 @@ from .. import __version__
 from ..errors import MDMError
 from . import data as D
 from . import figures as F
+from ..viz import plot_qd
 from .render import Figure, Report, Section, render_html, render_markdown
 from .studies import StudyInfo, compute_importances, load_study
 
@@ -105,88 +107,121 @@ def _where(study: str, trial: int, multi: bool) -> str:
     return f"{study} #{trial}" if multi else f"trial #{trial}"
 
 
+@dataclass
+class _Ctx:
+    """What every section builder reads: the rows, the ranked table and where figures go."""
+    df: object  # pandas.DataFrame of leaderboard rows (with the seed-group column)
+    table: D.Table
+    work: Path
+    root: Path
+    dataset: str
+    top: int
+    multi: bool
+
+    @property
+    def complete(self):
+        return self.df[(self.df["state"] == "COMPLETE") & self.df["val_bpd"].notna()]
+
+    @property
+    def learned(self):
+        complete = self.complete
+        return complete[~complete["is_baseline"]]
+
+    def where(self, e: D.Entry) -> str:
+        rep = e.rep or {}
+        return _where(str(rep.get("study")), int(rep.get("trial", -1)), self.multi)
+
+
 def assemble(df, *, root: Path, dataset: str, work: Path, studies_dir: Path, top: int) -> Report:
+    """The report's model: summary, ranked table and one section per question a reader asks."""
     df = D.add_group(df)
     studies = sorted(df["study"].unique())
-    multi = len(studies) > 1
     table = D.leaderboard_table(df, top)
+    ctx = _Ctx(df, table, work, root, dataset, top, multi=len(studies) > 1)
     counts = D.state_counts(df)
     summary = (f"{len(df)} trials in {len(studies)} "
-               f"{'studies' if multi else 'study'} ({', '.join(studies)}): "
+               f"{'studies' if ctx.multi else 'study'} ({', '.join(studies)}): "
                + ", ".join(f"{v} {k.lower()}" for k, v in counts.items()) + f"; {len(table.all_entries)} "
                f"configurations completed, ranked below.")
-    complete = df[(df["state"] == "COMPLETE") & df["val_bpd"].notna()]
-    learned = complete[~complete["is_baseline"]]
-    table_notes = []
-    if table.best_learned is None:
-        table_notes.append("No learned structure has completed a full run yet.")
+    table_notes = [] if table.best_learned is not None else ["No learned structure has completed a full run yet."]
+    infos: dict[str, StudyInfo] = {s: compute_importances(load_study(studies_dir, s)) for s in studies}
+    sections = [_progress_section(ctx), _structure_section(ctx), _importance_section(ctx, infos),
+                _qd_section(ctx), _curves_section(ctx), _samples_section(ctx)]
+    prov = D.provenance(df, {s: i.as_dict() for s, i in infos.items()})
+    prov.update(root=str(root.resolve()), curves_root=str(D.curves_root_for(root).resolve()),
+                studies_dir=str(Path(studies_dir).resolve()), generator=__version__)
+    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    return Report(dataset=dataset, generated_at=generated, summary=summary, table=table, multi_study=ctx.multi,
+                  sections=sections, provenance=prov, table_notes=table_notes)
 
-    sections = []
-    # -- search progress
+
+def _progress_section(ctx: _Ctx) -> Section:
     sec = Section("progress", "Search progress",
                   "Best validation BPD found so far against trial number and against elapsed wall time (anytime "
                   "performance), one colour per study. Dots are completed learned structures, open markers the "
                   "baselines; pruned and failed trials have no final BPD and are not plotted.")
-    if complete.empty:
+    if ctx.complete.empty:
         sec.notes.append("No trial has completed yet, so there is no best-so-far curve.")
     else:
-        runs = D.anytime(df)
-        _draw(sec, work, "anytime.png", "Best-so-far validation BPD by trial number (left) and wall time (right).",
+        runs = D.anytime(ctx.df)
+        _draw(sec, ctx.work, "anytime.png", "Best-so-far validation BPD by trial number (left) and wall time (right).",
               lambda p: F.plot_anytime(runs, p))
-    sections.append(sec)
+    return sec
 
-    # -- structure effects
+
+def _structure_section(ctx: _Ctx) -> Section:
     sec = Section("structure", "BPD by structure",
                   "Validation BPD of completed learned trials (one point per run) grouped by the number of "
                   "auxiliary variables K and by the sparsity patterns of Q and D; horizontal lines are the "
                   "baselines (mean over seeds).")
     best_per_base: dict[str, float] = {}
-    for e in table.all_entries:  # entries are sorted: the first one per baseline is its best config
+    for e in ctx.table.all_entries:  # entries are sorted: the first one per baseline is its best config
         if e.baseline and e.baseline not in best_per_base:
             best_per_base[e.baseline] = e.val_mean
+    learned = ctx.learned
     if learned.empty:
         sec.notes.append("No learned structure has completed yet.")
     else:
-        _draw(sec, work, "bpd_by_structure.png", "Validation BPD by K, by Q pattern and by D pattern.",
+        _draw(sec, ctx.work, "bpd_by_structure.png", "Validation BPD by K, by Q pattern and by D pattern.",
               lambda p: F.plot_by_structure(learned, best_per_base, p))
-    sections.append(sec)
+    return sec
 
-    # -- importances + parallel coordinates
+
+def _importance_section(ctx: _Ctx, infos: dict[str, StudyInfo]) -> Section:
     sec = Section("importance", "Parameter importances",
                   "Importance of each searched parameter for the validation BPD (Optuna's "
                   "get_param_importances on the study's completed trials), and every completed learned trial "
                   "as a line through its parameter values.")
-    infos: dict[str, StudyInfo] = {s: compute_importances(load_study(studies_dir, s)) for s in studies}
     imps = {s: i.importances for s, i in infos.items() if i.importances}
     if imps:
-        _draw(sec, work, "importance.png", "Parameter importances (normalized to sum to 1), per study.",
+        _draw(sec, ctx.work, "importance.png", "Parameter importances (normalized to sum to 1), per study.",
               lambda p: F.plot_importances(imps, p, {s: infos[s].n_complete for s in imps}))
-    for s, i in infos.items():
+    for i in infos.values():
         if not i.importances and i.importance_note:
             sec.notes.append(f"Importances skipped: {i.importance_note}.")
+    learned = ctx.learned
     if len(learned) >= 2:
         axes = ["n_aux", "q_pattern", "d_pattern"]
         axes += [c for c in ("d_param", "learn") + HYPER_COLS if c in learned and learned[c].nunique(dropna=True) > 1]
         par = learned[axes + ["val_bpd"]].copy()
-        _draw(sec, work, "parallel.png", "Parallel coordinates of the completed learned trials "
+        _draw(sec, ctx.work, "parallel.png", "Parallel coordinates of the completed learned trials "
               "(colour: validation BPD, darker is better).", lambda p: F.plot_parallel(par, axes, p))
     else:
         sec.notes.append(f"Parallel coordinates need at least two completed learned trials, found {len(learned)}.")
-    sections.append(sec)
+    return sec
 
-    # -- learned Q and D
+
+def _qd_section(ctx: _Ctx) -> Section:
     sec = Section("qd", "Learned Q and D",
                   "Learned (EMA) Q and D of the top structures (best seed), with the eigenvalues of the drift "
                   "A = -(Q + D) and of D; the best baseline's fixed Q and D for reference.", layout="qdgrid")
-    from ..viz import plot_qd
-
-    picks = [e for e in table.rows if not e.baseline and e.complete][:top]
-    if table.best_baseline is not None:
-        picks.append(table.best_baseline)
+    picks = [e for e in ctx.table.rows if not e.baseline and e.complete][:ctx.top]
+    if ctx.table.best_baseline is not None:
+        picks.append(ctx.table.best_baseline)
     for e in picks:
         rep = e.rep or {}
         q, d = D.parse_json(rep.get("Q")), D.parse_json(rep.get("D"))
-        where = _where(str(rep.get("study")), int(rep.get("trial", -1)), multi)
+        where = ctx.where(e)
         if not q or not d:
             sec.notes.append(f"#{e.rank} {e.label} ({where}): the leaderboard row has no Q/D.")
             continue
@@ -194,48 +229,41 @@ def assemble(df, *, root: Path, dataset: str, work: Path, studies_dir: Path, top
         title = (f"#{e.rank} {e.label}  ({where}, val {e.val_mean:.3f})" if not e.baseline
                  else f"best baseline {e.label}  ({where}, val {e.val_mean:.3f})")
         cap = (f"#{e.rank}: {e.label} ({where})" if not e.baseline else f"Best baseline: {e.label} ({where})")
-        if _draw(sec, work, name, cap, lambda p, q=q, d=d, title=title: plot_qd(q, d, p, title)):
+        if _draw(sec, ctx.work, name, cap, lambda p, q=q, d=d, title=title: plot_qd(q, d, p, title)):
             sec.figures[-1].css = f"n{min(len(q), 3)}"
     if not picks:
         sec.notes.append("No completed configuration to show.")
-    sections.append(sec)
+    return sec
 
-    # -- learning curves
+
+def _curves_section(ctx: _Ctx) -> Section:
     sec = Section("curves", "Learning curves",
                   "Validation BPD during training of the top structures (best seed) and of the best baseline; "
                   "grey lines are the pruned trials, each ending with a cross where the pruner stopped it.")
-    curves = D.load_curves(root, dataset)
+    curves = D.load_curves(ctx.root, ctx.dataset)
     if curves is None:
-        sec.notes.append(f"No learning curves under {D.curves_root_for(root) / f'dataset={dataset}'}.")
+        sec.notes.append(f"No learning curves under {D.curves_root_for(ctx.root) / f'dataset={ctx.dataset}'}.")
     else:
-        _learning_curves(sec, work, df, curves, table, top, multi)
-    sections.append(sec)
+        _learning_curves(sec, ctx.work, ctx.df, curves, ctx.table, ctx.top, ctx.multi)
+    return sec
 
-    # -- samples
+
+def _samples_section(ctx: _Ctx) -> Section:
     sec = Section("samples", "Samples",
                   "Sample grids of the best learned structure and of the best baseline (best seed of each), "
                   "drawn at the end of training.", layout="pair")
-    for e, file, what in ((table.best_learned, "samples_best_learned.png", "Best learned structure"),
-                          (table.best_baseline, "samples_best_baseline.png", "Best baseline")):
+    for e, file, what in ((ctx.table.best_learned, "samples_best_learned.png", "Best learned structure"),
+                          (ctx.table.best_baseline, "samples_best_baseline.png", "Best baseline")):
         if e is None:
             sec.notes.append(f"{what}: none has completed yet.")
             continue
-        src, why = _samples_of(e, df)
-        rep = e.rep or {}
-        where = _where(str(rep.get("study")), int(rep.get("trial", -1)), multi)
+        src, why = _samples_of(e, ctx.df)
         if src is None:
-            sec.notes.append(f"{what} ({e.label}, {where}): {why}; skipped.")
+            sec.notes.append(f"{what} ({e.label}, {ctx.where(e)}): {why}; skipped.")
             continue
-        shutil.copyfile(src, work / file)
-        sec.figures.append(Figure(file, f"{what}: {e.label} ({where}, val {e.val_mean:.3f} bpd)"))
-    sections.append(sec)
-
-    prov = D.provenance(df, {s: i.as_dict() for s, i in infos.items()})
-    prov.update(root=str(root.resolve()), curves_root=str(D.curves_root_for(root).resolve()),
-                studies_dir=str(Path(studies_dir).resolve()), generator=__version__)
-    generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    return Report(dataset=dataset, generated_at=generated, summary=summary, table=table, multi_study=multi,
-                  sections=sections, provenance=prov, table_notes=table_notes)
+        shutil.copyfile(src, ctx.work / file)
+        sec.figures.append(Figure(file, f"{what}: {e.label} ({ctx.where(e)}, val {e.val_mean:.3f} bpd)"))
+    return sec
 
 
 def _samples_of(e: D.Entry, df) -> tuple[Optional[Path], str]:

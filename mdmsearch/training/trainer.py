@@ -95,7 +95,11 @@ def _total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 
 class Trainer:
     """One run: its pieces (:class:`~.build.Parts`, as attributes), its step, history and best
-    validation BPD; :meth:`fit` trains, evaluates, checkpoints and writes the artifacts."""
+    validation BPD; :meth:`fit` trains, evaluates, checkpoints and writes the artifacts.
+
+    Why one class of ~300 lines: it is the loop's state (step, history, best, the pieces) and
+    its methods are the loop's verbs, each under 30 lines; building the pieces lives in
+    :mod:`.build`, evaluation and sampling in :mod:`.inference`, artifacts in :mod:`.artifacts`."""
 
     # the pieces, from build_parts (callers read and replace them: tr.net, tr.ema, tr.optimizer, ...)
     device: torch.device
