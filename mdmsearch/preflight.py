@@ -105,7 +105,58 @@ def _check_rdb(url: str, what: str) -> str:
             if not path.parent.is_dir():
                 raise ConfigError(f"{what} {url}: directory {path.parent} does not exist")
             check_writable_dir(path.parent, f"{what} {url}: directory")
+    else:
+        check_connection(url, what)
     return url
+
+
+CONNECT_TIMEOUT_S = 10  # a database server that does not answer is named within this (plus DNS)
+# DB-API drivers whose connect() takes a timeout in seconds under this keyword
+_TIMEOUT_KEYWORD = {"psycopg": "connect_timeout", "psycopg2": "connect_timeout", "pymysql": "connect_timeout",
+                    "mysqldb": "connect_timeout", "asyncpg": "timeout"}
+# what a refusal says -> the line the user reads (the first match wins; {db}, {user}, {where} filled in)
+_REFUSALS = (
+    (("password authentication failed", "access denied", "authentication failed"),
+     "the server refused user {user!r} (wrong user or password)"),
+    (("does not exist", "unknown database"), "database {db!r} does not exist on {where} (create it first, "
+                                             "e.g. createdb {db})"),
+    (("connection refused",), "cannot connect to {where}: connection refused (is the server running there?)"),
+    (("timeout expired", "timed out", "timeout"), "no answer from {where} within {timeout} s"),
+    (("could not translate host name", "name or service not known", "nodename nor servname",
+      "temporary failure in name resolution"), "unknown host in {where}"),
+    (("invalid response", "server closed the connection", "unexpected response", "lost connection"),
+     "{where} did not answer as a database server"),
+)
+
+
+def connect_args(url: str) -> dict:
+    """Keyword arguments for the URL's DB-API ``connect()`` that bound how long a connection may take."""
+    from sqlalchemy.engine import make_url
+
+    keyword = _TIMEOUT_KEYWORD.get(make_url(url).get_driver_name())
+    return {keyword: CONNECT_TIMEOUT_S} if keyword else {}
+
+
+def check_connection(url: str, what: str = "--storage") -> None:
+    """Connect to a database server once, before anything is created: a refusal or silence is
+    one :class:`ConfigError` line naming the server (never the password) and why."""
+    import sqlalchemy as sa
+
+    parsed = sa.engine.make_url(url)
+    engine = sa.create_engine(url, connect_args=connect_args(url), poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect():
+            pass
+    except sa.exc.SQLAlchemyError as exc:
+        orig = getattr(exc, "orig", None) or exc  # the driver's own error, without SQLAlchemy's wrapping
+        message = str(orig).lower()
+        where = f"{parsed.host or 'localhost'}:{parsed.port or 'default port'}"
+        fields = {"db": parsed.database, "user": parsed.username, "where": where, "timeout": CONNECT_TIMEOUT_S}
+        reason = next((text.format(**fields) for keys, text in _REFUSALS if any(k in message for k in keys)),
+                      _first_line(orig))
+        raise ConfigError(f"{what} {_redact(url)}: {reason}") from None
+    finally:
+        engine.dispose()
 
 
 def _redact(url: str) -> str:

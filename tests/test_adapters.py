@@ -57,10 +57,24 @@ def test_the_installed_optuna_is_in_the_declared_range():
     assert req.specifier.contains(installed), f"optuna {installed} installed, pyproject.toml requires {req}"
 
 
-@pytest.fixture(params=["journal", "sqlite"])
+@pytest.fixture(scope="module")
+def pg_server():
+    from pgserver import PgServer, missing_reason
+
+    if missing_reason():
+        pytest.skip(missing_reason())
+    server = PgServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["journal", "sqlite", "postgresql"])
 def storage_url(request, tmp_path):
     if request.param == "journal":
         return f"journal:{tmp_path / 'journal.log'}"
+    if request.param == "postgresql":  # a real server (tests/pgserver.py); skipped without one
+        server = request.getfixturevalue("pg_server")
+        return server.create_db(f"adapters_{abs(hash(request.node.name)) % 10**8}")
     return f"sqlite:///{tmp_path / 'optuna.db'}"
 
 
@@ -97,9 +111,13 @@ def test_a_trial_asked_here_is_reopened_reported_and_told_by_another_process(sto
         import optuna
         from mdmsearch.search import adapters
         from mdmsearch.search.study import make_storage
-        study = optuna.load_study(study_name="adapters", storage=make_storage({storage_url!r}))
+        # (the random sampler reads no trials before a suggest, so a database storage's cache
+        # knows only what reopen_trial made it read)
+        study = optuna.load_study(study_name="adapters", storage=make_storage({storage_url!r}),
+                                  sampler=optuna.samplers.RandomSampler())
         trial = adapters.reopen_trial(study, {tid})
         assert trial.number == 0, trial.number
+        assert trial.suggest_categorical("x", ["a", "b"]) in ("a", "b")  # (a database storage's cache)
         trial.report(0.75, 10)
         trial.report(0.5, 20)
         trial.set_user_attr("by", "child")

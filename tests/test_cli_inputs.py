@@ -41,6 +41,10 @@ CASES = {
     "flag-n-trials": ({"s.yaml": SPEC}, ["run", "s.yaml", "--n-trials", "-3"], "--n-trials -3 (n_trials)"),
     "flag-dataset": ({"s.yaml": SPEC}, ["run", "s.yaml", "--dataset", "fooset"], "--dataset fooset (data.name)"),
     "flag-workers": ({"s.yaml": SPEC}, ["run", "s.yaml", "--workers", "0"], "--workers 0"),
+    "flag-address-malformed": ({"s.yaml": SPEC}, ["run", "s.yaml", "--executor", "ray", "--address", "headnode"],
+                               "--address headnode: expected HOST:PORT"),
+    "flag-address-refused": ({"s.yaml": SPEC}, ["run", "s.yaml", "--executor", "ray", "--address", "127.0.0.1:9"],
+                             "--address 127.0.0.1:9: cannot reach a Ray cluster there"),
     "flag-not-an-int": ({"s.yaml": SPEC}, ["run", "s.yaml", "--n-trials", "abc"], "invalid int value: 'abc'"),
     "flag-address-without-ray": ({"s.yaml": SPEC}, ["run", "s.yaml", "--address", "auto"], "--address auto: only with"),
     # storage

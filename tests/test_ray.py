@@ -420,3 +420,31 @@ def test_time_budget_stops_asking_new_ray_trials(tmp_path):
     finally:
         _kill_ray(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+@pytest.mark.slow
+@needs_ray
+def test_a_cluster_address_that_never_answers_is_one_line_within_the_connect_timeout(tmp_path):
+    """A port that accepts connections and says nothing (not a Ray head): ``ray.init`` would wait
+    for ever; the run ends with one line after CONNECT_TIMEOUT_S, exit 2, no study created."""
+    import socket
+
+    from mdmsearch.search.ray_executor import CONNECT_TIMEOUT_S
+
+    ray_tmp = _ray_tmpdir()
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        address = f"127.0.0.1:{silent.getsockname()[1]}"
+        spec = _write(tmp_path / "spec.yaml", dict(TINY, study="silent"))
+        try:
+            res = _run(tmp_path, spec, tmp_path / "studies", _env(ray_tmp), "--executor", "ray", "--address", address,
+                       timeout=CONNECT_TIMEOUT_S + 90)
+        finally:
+            _kill_ray(ray_tmp)
+            shutil.rmtree(ray_tmp, ignore_errors=True)
+    lines = res.stderr.strip().splitlines()
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert lines[-1] == (f"mdmsearch: error: --address {address}: no Ray cluster answered within "
+                         f"{CONNECT_TIMEOUT_S} s")
+    assert not (tmp_path / "studies").exists()

@@ -34,15 +34,17 @@ class StudyInfo:
                 "note": self.note}
 
 
-def load_study(studies_dir: str | Path, name: str) -> StudyInfo:
-    """The study ``name`` from ``<studies_dir>/<name>/journal.log`` (the default storage of
-    ``mdmsearch run``).  Studies kept in an RDB storage are reported as unavailable."""
+def load_study(studies_dir: str | Path, name: str, storage: Optional[str] = None) -> StudyInfo:
+    """The study ``name`` from ``storage`` (a checked URL, see ``preflight.normalize_storage``),
+    else from ``<studies_dir>/<name>/journal.log`` (the default storage of ``mdmsearch run``)."""
     import optuna
 
-    path = Path(studies_dir) / name / "journal.log"
+    if storage is not None and not storage.startswith("journal:"):
+        return _load_from_database(name, storage)
+    path = Path(storage[len("journal:"):]) if storage else Path(studies_dir) / name / "journal.log"
     info = StudyInfo(name=name, storage=str(path.resolve()))
     if not path.is_file():
-        info.note = f"study {name!r} not found at {path} (pass --studies-dir, or the study used another storage)"
+        info.note = f"study {name!r} not found at {path} (pass --studies-dir or --storage)"
         return info
     try:
         from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
@@ -50,8 +52,7 @@ def load_study(studies_dir: str | Path, name: str) -> StudyInfo:
         # the same lock as the workers (mdmsearch.search.study.make_storage); reading never takes
         # it, and make_storage is not used because it would create missing directories
         backend = JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path)))
-        storage = optuna.storages.JournalStorage(backend)
-        study = optuna.load_study(study_name=name, storage=storage)
+        study = optuna.load_study(study_name=name, storage=optuna.storages.JournalStorage(backend))
     except KeyError:
         info.note = f"no study named {name!r} in {path}"
         return info
@@ -59,6 +60,25 @@ def load_study(studies_dir: str | Path, name: str) -> StudyInfo:
         log.warning("cannot read study %s from %s: %s", name, path, exc)
         info.note = f"cannot read study {name!r} from {path}: {type(exc).__name__}: {exc}"
         return info
+    return _with_study(info, study)
+
+
+def _load_from_database(name: str, url: str) -> StudyInfo:
+    import optuna
+
+    from ..preflight import _redact
+    from ..search.study import make_storage
+
+    info = StudyInfo(name=name, storage=_redact(url))
+    try:
+        study = optuna.load_study(study_name=name, storage=make_storage(url))
+    except KeyError:
+        info.note = f"no study named {name!r} in {info.storage}"
+        return info
+    return _with_study(info, study)
+
+
+def _with_study(info: StudyInfo, study) -> StudyInfo:
     info.study = study
     info.spec_hash = study_get(study, StudyKey.SPEC_HASH)
     created = study_get(study, StudyKey.CREATED_AT)

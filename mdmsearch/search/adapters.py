@@ -40,7 +40,10 @@ def storage_of(study: optuna.Study):
 
 
 def reopen_trial(study: optuna.Study, trial_id_: int) -> optuna.Trial:
-    """A live Trial for a trial asked by another process (to report and tell it)."""
+    """A live Trial for a trial asked by another process (to report and tell it).  The study's
+    view of its trials is read first: a database storage caches what it has read, and writes to a
+    trial it has not seen yet fail (KeyError in Optuna's cache)."""
+    study.get_trials(deepcopy=False)
     return optuna.trial.Trial(study, trial_id_)
 
 
@@ -52,6 +55,11 @@ def trial_attrs(study: optuna.Study, trial_id_: int) -> dict:
     return storage_of(study).get_trial_user_attrs(trial_id_)
 
 
+def frozen_trial(study: optuna.Study, trial_id_: int) -> optuna.trial.FrozenTrial:
+    """The stored trial with this id, as it is now (its state, attributes and values)."""
+    return storage_of(study).get_trial(trial_id_)
+
+
 def fail_trial(study: optuna.Study, trial_id_: int) -> None:
     """Set a RUNNING trial to FAIL by id; RuntimeError if it finished meanwhile."""
     from optuna.trial import TrialState
@@ -59,4 +67,4 @@ def fail_trial(study: optuna.Study, trial_id_: int) -> None:
     storage_of(study).set_trial_state_values(trial_id_, TrialState.FAIL)
 
 
-__all__ = ["CHECKED_ON", "fail_trial", "reopen_trial", "set_trial_attr", "storage_of", "trial_attrs", "trial_id"]
+__all__ = ["CHECKED_ON", "fail_trial", "frozen_trial", "reopen_trial", "set_trial_attr", "storage_of", "trial_attrs", "trial_id"]

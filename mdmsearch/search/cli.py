@@ -80,6 +80,10 @@ def _load(args):
     spec = load_spec(args.spec, overrides)
     if args.address and spec.executor != "ray":
         raise MDMError(f"--address {args.address}: only with --executor ray (or executor: ray in the spec)")
+    if args.address:
+        from .ray_executor import check_address
+
+        check_address(args.address)
     return check_search(spec, {k: v is not None for k, v in overrides.items()})
 
 

@@ -24,6 +24,7 @@ import optuna
 from optuna.trial import TrialState
 
 from ..leaderboard import trial_path
+from . import adapters
 from .record import Outcome, TrialRecord, records, write, write_by_id
 from .spec import SearchSpec
 from .study import Heartbeat, heartbeat_path, is_stale, retry_trial
@@ -51,7 +52,7 @@ def claim(study: optuna.Study, spec: SearchSpec) -> optuna.Trial:
     trial = study.ask()
     art = artifact_dir(spec, trial)
     write(trial, artifact_dir=str(art))
-    Heartbeat(art, trial.number).beat()
+    Heartbeat(art, trial.number, study, adapters.trial_id(trial)).beat()
     return trial
 
 
@@ -71,7 +72,7 @@ def tell(study: optuna.Study, trial, state: str, values: Optional[Sequence[float
 
 
 def release(spec: SearchSpec, trial) -> None:
-    """A told trial is no longer claimed: drop its heartbeat."""
+    """A told trial is no longer claimed: drop its heartbeat file (a beat in the study ends with the trial)."""
     heartbeat_path(artifact_dir(spec, trial)).unlink(missing_ok=True)
 
 

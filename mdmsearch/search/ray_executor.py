@@ -13,7 +13,12 @@ Ray only decides *where* a trial runs; what it does is the local executor's life
   driver dies;
 * every run of the command is one Tune experiment ``studies/<study>/ray/run-<k>``; before it
   starts, trials left RUNNING by a dead driver or worker are told from their row or re-queued
-  to resume from their checkpoint (:func:`~mdmsearch.search.lifecycle.recover`).
+  to resume from their checkpoint (:func:`~mdmsearch.search.lifecycle.recover`);
+* a trial whose worker or node dies mid-run is restarted by Tune (``FailureConfig.max_failures``)
+  with the same Optuna trial: it resumes its checkpoint, or is told from its row if it wrote
+  one, exactly as a dead local worker's trial is recovered; an unexpected exception inside a
+  trial (a bug) is told FAIL and stops the experiment (:class:`StopOnError`), as it stops a
+  local run.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -43,19 +51,40 @@ log = logging.getLogger(__name__)
 RAY_HINT = 'the Ray executor needs Ray: pip install -e ".[ray]"'
 EXPERIMENT_PREFIX = "run-"
 METRIC = "val_bpd"
+ERROR = "mdm_error"  # in a trial's result: the unexpected exception that ended it (see StopOnError)
+NODE_RETRIES = 3  # restarts of a trial whose worker or node died (Tune's max_failures)
 MAX_ROUNDS = 100
 # the driver's beats for claimed trials that have not started (one driver per process; module-level
 # because Tune may pickle the searcher, and its trial-start callback must reach the same beats)
 HELD = HeldClaims()
 
 try:  # Ray is optional: run_ray() says how to install it
-    from ray.tune import Callback
+    from ray.tune import Callback, Stopper
     from ray.tune.search import Searcher
 
     _HAVE_RAY = True
 except ImportError:  # pragma: no cover - exercised without Ray installed
-    Callback = Searcher = object
+    Callback = Searcher = Stopper = object
     _HAVE_RAY = False
+
+
+class StopOnError(Stopper):
+    """Stops the whole experiment once a trial reports an unexpected exception.
+
+    Tune's ``fail_fast`` cannot be used: it stops the experiment on *any* trial failure, also
+    one Tune is about to recover (a dead worker or node, restarted with ``max_failures``).  A
+    trial therefore never raises a bug to Tune; it reports it under :data:`ERROR`."""
+
+    def __init__(self):
+        self.error: Optional[str] = None
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        if result.get(ERROR) and self.error is None:
+            self.error = str(result[ERROR])
+        return bool(result.get(ERROR))
+
+    def stop_all(self) -> bool:
+        return self.error is not None
 
 
 def _import_ray():
@@ -122,7 +151,8 @@ class StudySearcher(Searcher):
             if step is Step.WAIT:  # this confirmation round's last trials are still running: Tune asks again
                 return None
             trial = claim(self._study, self.spec)
-        HELD.hold(artifact_dir(self.spec, trial), trial.number)  # the driver beats until the trial starts
+        # the driver beats until the trial starts
+        HELD.hold(artifact_dir(self.spec, trial), trial.number, self._study, adapters.trial_id(trial))
         return {"mdm_number": trial.number, "mdm_trial_id": adapters.trial_id(trial)}
 
     def on_trial_complete(self, trial_id: str, result: Optional[dict] = None, error: bool = False) -> None:
@@ -173,8 +203,8 @@ def _build_tuner(spec: SearchSpec, space_size: Optional[int], deadline: Deadline
                                   max_concurrent_trials=spec.workers, reuse_actors=True,
                                   trial_dirname_creator=trial_dirname)
     run_config = tune.RunConfig(name=_next_experiment(spec.study_dir / "ray"), storage_path=str(spec.study_dir / "ray"),
-                                verbose=0, callbacks=[OutcomeLog()],
-                                failure_config=tune.FailureConfig(max_failures=0, fail_fast=True))
+                                verbose=0, callbacks=[OutcomeLog()], stop=StopOnError(),
+                                failure_config=tune.FailureConfig(max_failures=NODE_RETRIES))
     return tune.Tuner(tune.with_resources(_trial_main, resources), tune_config=tune_config, run_config=run_config,
                       param_space={"mdm_spec": spec.model_dump_json(), "mdm_cwd": os.getcwd()})
 
@@ -193,6 +223,16 @@ def _last_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
+def _raise_trial_errors(results) -> None:
+    """A trial's unexpected exception (reported under :data:`ERROR`), or a trial Tune could not
+    restart :data:`NODE_RETRIES` times, ends the run with one line, as a worker's error ends a local run."""
+    reported = [r.metrics[ERROR] for r in results if r.metrics and r.metrics.get(ERROR)]
+    errors = reported + [_last_line(e) for e in results.errors]
+    if errors:
+        raise MDMError(f"a Ray trial raised an error ({errors[0]}); its log is under {results.experiment_path}; "
+                       "re-run the same command to continue")
+
+
 def _fit(spec: SearchSpec, study: optuna.Study, size: Optional[int], deadline: Deadline) -> None:
     """Tune experiments until the study has its trials: usually one; another only when trials
     counted as running when the searcher stopped asking did not count in the end."""
@@ -203,9 +243,7 @@ def _fit(spec: SearchSpec, study: optuna.Study, size: Optional[int], deadline: D
         if _done(study, spec, size) or deadline.passed():
             return
         results = _build_tuner(spec, size, deadline).fit()
-        if results.errors:  # fail_fast stopped the experiment, as a worker's error stops a local run
-            raise MDMError(f"a Ray trial raised an error ({_last_line(results.errors[0])}); its log is under "
-                           f"{results.experiment_path}; re-run the same command to continue")
+        _raise_trial_errors(results)
         after = count_trials(study)
         if _done(study, spec, size) or deadline.passed():
             return
@@ -218,32 +256,88 @@ def _fit(spec: SearchSpec, study: optuna.Study, size: Optional[int], deadline: D
 
 def run_ray(spec: SearchSpec, address: Optional[str] = None, allow_spec_change: bool = False, *,
             num_cpus: Optional[int] = None, num_gpus: Optional[int] = None) -> dict:
-    """Run the study with Ray Tune (a local Ray instance, or the cluster at ``address``);
-    returns the final counts like :func:`~mdmsearch.search.runner.run_local`."""
+    """Run the study with Ray Tune (a local Ray instance, or the cluster at ``address``, joined
+    before anything is created); returns the final counts like :func:`~mdmsearch.search.runner.run_local`."""
     ray = _import_ray()
     t0 = time.perf_counter()
     spec = absolute_spec(spec)
-    study = open_study(spec, allow_spec_change=allow_spec_change)
-    record_run(study, spec, "ray")  # the same attributes as a local run (status, ETA)
-    size = finite_size(spec)
-    if not _done(study, spec, size):
-        started = not ray.is_initialized()
-        if started and address:
-            ray.init(address=address, logging_level=logging.WARNING)
-        elif started:
-            ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=logging.WARNING)
-        try:
+    started = not ray.is_initialized()
+    if started and address:
+        connect(ray, address)
+    try:
+        study = open_study(spec, allow_spec_change=allow_spec_change)
+        record_run(study, spec, "ray")  # the same attributes as a local run (status, ETA)
+        size = finite_size(spec)
+        if not _done(study, spec, size):
+            if started and not address:
+                ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=logging.WARNING)
             _fit(spec, study, size, Deadline(spec.time_budget_s))
-        finally:
-            HELD.release_all()  # trials claimed but never started: recovered by the next run
-            if started:
-                ray.shutdown()
+    finally:
+        HELD.release_all()  # trials claimed but never started: recovered by the next run
+        if started and ray.is_initialized():
+            ray.shutdown()
     counts = count_trials(study)
     counts["wall_seconds"] = time.perf_counter() - t0
     return counts
 
 
+CONNECT_TIMEOUT_S = 30  # a cluster address that accepts connections but never answers is named after this
+
+
+def check_address(address: str, what: str = "--address") -> None:
+    """A Ray cluster address is ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``; a host that
+    refuses or is unknown is one line now, before anything is created (``ray.init`` would
+    retry such an address for ever)."""
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise MDMError(f"{what} {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise MDMError(f"{what} {address}: cannot reach a Ray cluster there ({exc.strerror or exc})") from None
+
+
+def connect(ray, address: str) -> None:
+    """Join the cluster at ``address``.  ``ray.init`` cannot be interrupted while it waits for a
+    cluster that does not answer; a watchdog ends the process with one line after
+    :data:`CONNECT_TIMEOUT_S` (nothing has been created yet, so nothing is lost)."""
+    check_address(address)
+    joined = threading.Event()
+
+    def watchdog() -> None:
+        if not joined.wait(CONNECT_TIMEOUT_S):
+            sys.stderr.write(f"mdmsearch: error: --address {address}: no Ray cluster answered within "
+                             f"{CONNECT_TIMEOUT_S} s\n")
+            sys.stderr.flush()
+            os._exit(2)
+
+    threading.Thread(target=watchdog, daemon=True, name="ray-connect-watchdog").start()
+    try:
+        ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise MDMError(f"--address {address}: {_last_line(exc)}") from None
+    finally:
+        joined.set()
+
+
 # ---------------------------------------------------------------------- trial side
+def _ended_before_start(study: optuna.Study, spec: SearchSpec, number: int, trial_id: int) -> Optional[str]:
+    """For a Tune trial restarted after its worker or node died: why it must not run again (its
+    Optuna trial was told meanwhile, or its leaderboard row was written before the death and it
+    is told from the row now), else None: it runs, resuming its checkpoint."""
+    from .lifecycle import settle
+    from .record import TrialRecord
+
+    rec = TrialRecord.of(adapters.frozen_trial(study, trial_id))
+    if rec.state.is_finished():
+        return f"trial {number} had already ended ({rec.shown_state}): not run again"
+    told = settle(study, spec, rec)
+    return None if told is None else f"trial {number}: told {told} from the row its dead worker wrote"
+
+
+
 def _trial_main(config: dict) -> None:
     """One Tune trial = one claimed Optuna trial, run exactly as a local worker runs it."""
     import torch
@@ -258,8 +352,18 @@ def _trial_main(config: dict) -> None:
     torch.set_num_threads(spec.budget.threads)
     # the spec's sampler and pruner, seeded per trial as local workers are per process
     study = open_study(spec, create=False, worker=int(config["mdm_number"]))
-    trial = adapters.reopen_trial(study, int(config["mdm_trial_id"]))
-    outcome = run_claimed(study, spec, trial, "ray")
+    number, trial_id = int(config["mdm_number"]), int(config["mdm_trial_id"])
+    ended = _ended_before_start(study, spec, number, trial_id)
+    if ended is not None:
+        tune.report({METRIC: math.nan, "trial": number, "mdm_outcome": ended})
+        return
+    trial = adapters.reopen_trial(study, trial_id)
+    try:
+        outcome = run_claimed(study, spec, trial, "ray")
+    except Exception as exc:  # a bug, told FAIL by run_claimed: StopOnError ends the experiment
+        log.exception("trial %d raised an unexpected error", number)
+        tune.report({METRIC: math.nan, "trial": number, ERROR: f"{type(exc).__name__}: {exc}"})
+        return
     values = outcome.values or [math.nan]
     result = {METRIC: float(values[0]), "trial": trial.number, "mdm_outcome": describe_outcome(outcome)}
     if spec.objective.second is not None:

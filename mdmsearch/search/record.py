@@ -62,6 +62,8 @@ KEYS = {
     "duplicate_of": "duplicate_of",  # the trial whose result answers it
     "test_bpd": "test_bpd",
     "steps": "steps",
+    "worker": "worker",  # {host, pid[, ray_node]}: where the trial's (latest) attempt runs
+    "heartbeat": "heartbeat",  # {pid, host, time, trial}: the last beat of a running trial (database storages)
 }
 
 
@@ -92,6 +94,8 @@ class TrialRecord:
     duplicate_of: Optional[int] = None
     test_bpd: Optional[float] = None
     steps: Optional[int] = None
+    worker: Optional[dict] = None
+    heartbeat: Optional[dict] = None
 
     @classmethod
     def of(cls, trial) -> "TrialRecord":

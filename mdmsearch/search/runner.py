@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -134,8 +136,17 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
     metrics)`` is how intermediate values reach the pruner (Optuna's ``trial.report`` +
     ``should_prune`` by default, for every executor)."""
     run = begin(trial, spec, executor)
-    ending = rejected(run, study) or answered(run, study) or train(run, report)
+    ending = rejected(run, study) or answered(run, study) or train(run, report, study)
     return end(run, ending)
+
+
+def where_running() -> dict:
+    """This process: its host and pid, and its Ray node when it is a Ray worker."""
+    here = {"host": socket.gethostname(), "pid": os.getpid()}
+    ray = sys.modules.get("ray")  # (never imported here: only a Ray worker has it loaded and initialized)
+    if ray is not None and ray.is_initialized():
+        here["ray_node"] = ray.get_runtime_context().get_node_id()
+    return here
 
 
 def begin(trial, spec: SearchSpec, executor: str) -> TrialRun:
@@ -148,7 +159,7 @@ def begin(trial, spec: SearchSpec, executor: str) -> TrialRun:
     row = _base_row(spec, rec.number, plan, executor, started)
     row.update(retry_of=rec.retry_of, artifact_dir=str(art_dir))
     write(trial, config_hash=row["config_hash"], config_group=row["config_group"], artifact_dir=str(art_dir),
-          artifact_id=rec.artifact_id if rec.artifact_id is not None else rec.number)
+          artifact_id=rec.artifact_id if rec.artifact_id is not None else rec.number, worker=where_running())
     return TrialRun(trial, rec, spec, plan, art_dir, row, t0)
 
 
@@ -188,7 +199,7 @@ def answered(run: TrialRun, study: Optional[optuna.Study]) -> Optional[Ending]:
     return None
 
 
-def train(run: TrialRun, report: Optional[Callable[[int, dict], None]]) -> Ending:
+def train(run: TrialRun, report: Optional[Callable[[int, dict], None]], study: Optional[optuna.Study] = None) -> Ending:
     """Train (resuming a dead worker's checkpoint) and evaluate; a decided failure is an outcome."""
     number, spec, art_dir = run.trial.number, run.spec, run.art_dir
     config = run.plan.run_config(spec)
@@ -196,7 +207,7 @@ def train(run: TrialRun, report: Optional[Callable[[int, dict], None]]) -> Endin
     trainer = None
     try:
         atomic_write_json(art_dir / "plan.json", {"plan": run.plan.__dict__, "trial": number})
-        with Heartbeat(art_dir, number):
+        with Heartbeat(art_dir, number, study, run.rec.trial_id):
             trainer = Trainer(config, art_dir, callback=reporter, data=load_cached(spec.data))
             result = trainer.run(resume=True, replay=True)  # the pruner sees the curve from before a crash
     except MDMError as exc:  # NaN loss, failed Cholesky, invalid process: a decided failure

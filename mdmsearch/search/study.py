@@ -48,7 +48,11 @@ def make_storage(url: str):
         if path.exists():
             repair_journal(path, lock)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
-    return optuna.storages.RDBStorage(url)
+    from ..preflight import connect_args
+
+    # bounded connects (a server gone mid-study is an error, not a hang) and a ping before a
+    # pooled connection is reused (a restarted server leaves the pool's connections dead)
+    return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect_args(url), "pool_pre_ping": True})
 
 
 def _first_bad_line(data: bytes) -> Optional[int]:
@@ -208,28 +212,53 @@ def heartbeat_path(artifact_dir: Path) -> Path:
     return Path(artifact_dir) / "heartbeat.json"
 
 
-class Heartbeat:
-    """Writes {pid, host, time} next to a running trial's artifacts every few seconds."""
+def beats_in_study(study: Optional[optuna.Study]) -> bool:
+    """Whether a running trial of ``study`` beats into its own record in the storage.
 
-    def __init__(self, artifact_dir: Path, trial_number: int):
+    With a database (PostgreSQL, MySQL, SQLite) the beat is a trial attribute: a worker on
+    another machine tells a dead trial from a live one through the database alone, with no
+    shared file system.  With a journal file every worker shares that file's file system
+    anyway, and a beat per trial every few seconds would grow the journal; the beat is a file
+    next to the trial's artifacts."""
+    from . import adapters
+
+    local = (optuna.storages.JournalStorage, optuna.storages.InMemoryStorage)  # (in-memory: one process, tests)
+    return study is not None and not isinstance(adapters.storage_of(study), local)
+
+
+class Heartbeat:
+    """Records {pid, host, time, trial} for a running trial every HEARTBEAT_SECONDS, where
+    :func:`beats_in_study` says: in the trial's record, or in ``<artifact_dir>/heartbeat.json``."""
+
+    def __init__(self, artifact_dir: Path, trial_number: int, study: Optional[optuna.Study] = None,
+                 trial_id: Optional[int] = None):
         self.path = heartbeat_path(artifact_dir)
         self.trial_number = trial_number
+        self._study = study if beats_in_study(study) and trial_id is not None else None
+        self._trial_id = trial_id
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"heartbeat-{trial_number}")
 
     def beat(self) -> None:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "trial": self.trial_number}
+        if self._study is not None:
+            write_by_id(self._study, self._trial_id, heartbeat=info)  # RuntimeError once the trial is told
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(),
-                                   "trial": self.trial_number}))
+        tmp.write_text(json.dumps(info))
         os.replace(tmp, self.path)
 
     def _run(self) -> None:
+        from sqlalchemy.exc import SQLAlchemyError
+
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
                 self.beat()
-            except OSError as exc:  # a full disk must not kill training; the next beat retries
-                log.warning("heartbeat write failed: %s", exc)
+            except RuntimeError:  # told meanwhile (its end raced this beat): nothing left to beat for
+                return
+            except (OSError, SQLAlchemyError) as exc:  # a full disk or a database blip must not kill
+                log.warning("heartbeat write failed: %s", exc)  # training; the next beat retries
 
     def start(self) -> "Heartbeat":
         self.beat()
@@ -237,7 +266,7 @@ class Heartbeat:
         return self
 
     def stop(self) -> None:
-        # the file stays until the trial is told (worker_loop removes it then): a worker killed
+        # a file stays until the trial is told (worker_loop removes it then): a worker killed
         # between the leaderboard write and the tell is detected by its dead pid
         self._stop.set()
         self._thread.join(timeout=2 * HEARTBEAT_SECONDS)
@@ -262,8 +291,9 @@ class HeldClaims:
         self._beats: dict[int, Heartbeat] = {}
         self._lock = threading.Lock()
 
-    def hold(self, artifact_dir: Path, trial_number: int) -> None:
-        beat = Heartbeat(artifact_dir, trial_number).start()
+    def hold(self, artifact_dir: Path, trial_number: int, study: Optional[optuna.Study] = None,
+             trial_id: Optional[int] = None) -> None:
+        beat = Heartbeat(artifact_dir, trial_number, study, trial_id).start()
         with self._lock:
             self._beats[trial_number] = beat
 
@@ -296,28 +326,37 @@ def pid_alive(pid: int) -> bool:
 
 
 def is_stale(trial, now: Optional[float] = None) -> bool:
-    """A RUNNING trial whose worker is gone: its pid is dead on this host, or its heartbeat is
-    older than STALE_SECONDS.
+    """A RUNNING trial whose worker is gone: its pid is dead on this host, or its last beat
+    (in its record or its heartbeat file, see :class:`Heartbeat`) is older than STALE_SECONDS.
 
-    A claimed trial (artifact directory set) without a heartbeat file was orphaned between the
-    ask and the first beat (``lifecycle.claim`` writes both within milliseconds, under the study
-    lock), e.g. by a driver killed exactly then: stale once HEARTBEAT_SECONDS have passed since
-    its start.  Waiting STALE_SECONDS instead let a resumed run count it as running elsewhere
-    and stop one trial short.  An unclaimed trial without a heartbeat: STALE_SECONDS."""
+    A claimed trial (artifact directory set) without any beat was orphaned between the ask and
+    the first beat (``lifecycle.claim`` writes both within milliseconds, under the study lock),
+    e.g. by a driver killed exactly then: stale once HEARTBEAT_SECONDS have passed since its
+    start.  Waiting STALE_SECONDS instead let a resumed run count it as running elsewhere and
+    stop one trial short.  An unclaimed trial without a beat: STALE_SECONDS."""
     now = time.time() if now is None else now
     trial = trial if isinstance(trial, TrialRecord) else TrialRecord.of(trial)  # (or an Optuna trial)
     art = trial.artifact_dir
-    hb = heartbeat_path(Path(art)) if art else None
-    if hb is not None and hb.exists():
-        try:
-            info = json.loads(hb.read_text())
-        except (OSError, ValueError):
-            return False  # being rewritten right now
+    info = trial.heartbeat or _beat_file(art)
+    if info == "torn":
+        return False  # being rewritten right now
+    if info:
         if info.get("host") == socket.gethostname() and not pid_alive(int(info["pid"])):
             return True
         return now - float(info["time"]) > STALE_SECONDS
     started = trial.datetime_start.timestamp() if trial.datetime_start else now
-    return now - started > (HEARTBEAT_SECONDS if hb is not None else STALE_SECONDS)
+    return now - started > (HEARTBEAT_SECONDS if art else STALE_SECONDS)
+
+
+def _beat_file(artifact_dir: Optional[str]):
+    """The beat in a trial's heartbeat file: a mapping, None without one, "torn" mid-rewrite."""
+    hb = heartbeat_path(Path(artifact_dir)) if artifact_dir else None
+    if hb is None or not hb.exists():
+        return None
+    try:
+        return json.loads(hb.read_text())
+    except (OSError, ValueError):
+        return "torn"
 
 
 def retry_trial(study: optuna.Study, t: TrialRecord, reason: str) -> bool:
