@@ -36,6 +36,8 @@ _TRAIN_FLAGS = {
                          "noise predictor: auto (the default: mixed with auxiliary variables, eps without), mixed "
                          "(exact Gaussian part + network) or eps (network alone)"),
     "residual_stats": ("model", "residual_stats", str, "statistics of the Gaussian part: global (the default), floored, pixel"),
+    "precision": ("model", "precision", str, "the score network's arithmetic: fp32 (the default), bf16, fp16 (autocast; "
+                                             "the process and the ELBO stay float64/float32)"),
     "batch_size": ("optim", "batch_size", int, "training batch size"),
     "lr": ("optim", "lr", float, "learning rate of the network"),
     "process_lr": ("optim", "process_lr", float, "learning rate of Q and D (learned processes)"),
@@ -44,6 +46,9 @@ _TRAIN_FLAGS = {
     "time_sampler": ("train", "time_sampler", str, "distribution of t in training: uniform, vp, adaptive"),
     "seed": ("train", "seed", int, "training seed"),
     "device": ("train", "device", str, "auto, cpu, cuda, cuda:1, ..."),
+    "nproc": ("train", "devices", int, "processes that train the run together, data parallel (train.devices, default "
+                                       "1): CPU processes sharing the cores, or one per GPU (cuda:0..N-1); the batch "
+                                       "is split evenly between them"),
     "n_samples": ("train", "n_samples", int, "samples drawn into samples.png at the end (0 = none)"),
 }
 
@@ -87,13 +92,14 @@ def typ_of(flag: str):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from .training import Trainer  # lazy: torch (+ scipy) costs ~2 s on every command
+    from .training.launch import is_main_process, run  # lazy: torch (+ scipy) costs ~2 s on every command
 
     config = _train_config(args)
     check_writable_dir(args.out, "--out")
-    metrics = Trainer(config, args.out).fit(resume=args.resume)
+    metrics = run(config, args.out, resume=args.resume).metrics  # (train.devices processes; no callback stops it)
     keys = ("val_bpd", "test_bpd", "steps", "train_seconds")
-    sys.stdout.write(json.dumps({k: metrics[k] for k in keys}) + "\n")
+    if is_main_process():  # (under torchrun, rank 0 speaks for the run)
+        sys.stdout.write(json.dumps({k: metrics[k] for k in keys}) + "\n")
     return 0
 
 

@@ -7,9 +7,10 @@ unknown keys and bad values with errors that name the key.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, ClassVar, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer,
+                      model_validator)
 
 from .errors import ConfigError
 
@@ -23,6 +24,23 @@ LEARNED_ONLY = ("n_aux", "q_mask", "d_mask", "d_param", "learn", "q_init", "d_in
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class _AddedLater(_Strict):
+    """A section with fields added after configurations were first hashed and stored (search
+    spec and trial hashes, checkpoints): such a field is left out of every dump (``model_dump``,
+    ``model_dump_json``) while it has its default, so a configuration that does not use it dumps,
+    hashes and compares with stored checkpoints exactly as before it existed."""
+
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _without_unused_additions(self, handler):
+        data = handler(self)
+        for name in self.ADDED_LATER:
+            if name in data and getattr(self, name) == type(self).model_fields[name].default:
+                del data[name]
+        return data
 
 
 class ProcessConfig(_Strict):
@@ -144,7 +162,9 @@ class DataConfig(_Strict):
         return v
 
 
-class ModelConfig(_Strict):
+class ModelConfig(_AddedLater):
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("precision",)
+
     name: str = Field("auto", description="'auto' = mlp for vectors, unet for images")
     size: str = "tiny"
     # auto: on MNIST (600 steps) the residual costs VPSDE 0.08 bpd while it removes the auxiliary tax of
@@ -158,6 +178,10 @@ class ModelConfig(_Strict):
         "global", description="data statistics of the Gaussian part (mixed only): per coordinate, per coordinate "
                                "with variances floored at 0.1x the global one, or one global mean and variance")
     options: dict[str, Any] = Field(default_factory=dict, description="overrides of the size preset")
+    # the network's arithmetic only: process matrices, the Gaussian part and the ELBO stay float64/float32
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "fp32", description="the score network's forward pass under autocast: fp32 (none), bf16, or fp16 (with a "
+                            "gradient scaler); training and evaluation alike")
 
 
 class OptimConfig(_Strict):
@@ -170,7 +194,9 @@ class OptimConfig(_Strict):
     ema: float = Field(0.999, ge=0, lt=1)
 
 
-class TrainConfig(_Strict):
+class TrainConfig(_AddedLater):
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("devices",)
+
     steps: int = Field(1000, gt=0)
     eval_every: int = Field(200, gt=0)
     eval_examples: int = Field(512, gt=0, description="validation examples per evaluation")
@@ -189,6 +215,9 @@ class TrainConfig(_Strict):
     n_samples: int = Field(64, ge=0, description="samples drawn into the grid at the end (0 = none)")
     sample_steps: int = Field(200, gt=0)
     progress: bool = True
+    devices: int = Field(1, gt=0, description="processes that train this one run data-parallel (CPU: one per share of "
+                                              "the cores; CUDA: one per GPU, cuda:0 .. cuda:N-1); optim.batch_size "
+                                              "is the global batch, split evenly between them")
 
 
 class RunConfig(_Strict):
@@ -204,6 +233,17 @@ class RunConfig(_Strict):
             self.train.eval_every = self.train.steps
         return self
 
+    @model_validator(mode="after")
+    def _batches_split(self):
+        """Every process takes an equal share of the global batch and of each evaluation batch."""
+        n = self.train.devices
+        if self.optim.batch_size % n:
+            raise ValueError(f"optim.batch_size {self.optim.batch_size} is not divisible by train.devices {n} "
+                             "(the global batch is split evenly between the processes)")
+        if self.train.eval_batch_size < n:
+            raise ValueError(f"train.eval_batch_size {self.train.eval_batch_size} is smaller than train.devices {n}")
+        return self
+
 
 def format_validation_error(exc: ValidationError, source: str = "config",
                             flags: Optional[dict[tuple, str]] = None) -> str:
@@ -213,10 +253,7 @@ def format_validation_error(exc: ValidationError, source: str = "config",
     for err in exc.errors():
         loc = tuple(err["loc"])
         msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        # the flag that set this value, or (for a section-level check) the flags that set its keys
-        key = ".".join(str(p) for p in loc)
-        flag = (f"{flags[loc]} ({key})" if loc in (flags or {}) else
-                " ".join(f for k, f in (flags or {}).items() if k[:len(loc)] == loc and loc))
+        flag = _flag_of(loc, msg, flags or {})
         if flag:
             flag_parts.append(f"{flag}: {msg}")
         else:
@@ -224,6 +261,16 @@ def format_validation_error(exc: ValidationError, source: str = "config",
     if flag_parts:
         return "; ".join(flag_parts + parts)
     return f"{source}: " + "; ".join(parts)
+
+
+def _flag_of(loc: tuple, msg: str, flags: dict[tuple, str]) -> str:
+    """The flag that set the value at ``loc``; for a section-level check the flags that set its
+    keys; for a check across sections (``loc`` empty) the flags whose keys its message names."""
+    if loc in flags:
+        return f"{flags[loc]} ({'.'.join(str(p) for p in loc)})"
+    if loc:
+        return " ".join(f for k, f in flags.items() if k[:len(loc)] == loc)
+    return " ".join(f"{f} ({'.'.join(k)})" for k, f in flags.items() if ".".join(k) in msg)
 
 
 def load_yaml(path: str | Path) -> dict:

@@ -33,3 +33,7 @@ class NonFiniteLossError(MDMError, RuntimeError):
 
 class ConfigError(MDMError, ValueError):
     """Invalid configuration or search-space spec."""
+
+
+class ProcessGroupError(MDMError, RuntimeError):
+    """A process of a data-parallel run died or failed, or the processes' weights disagree."""

@@ -16,7 +16,7 @@ from .errors import ConfigError, MDMError
 JOURNAL_PREFIX = "journal:"
 JOURNAL_SUFFIXES = (".log", ".jsonl", ".journal")
 STORAGE_FORMS = ("journal:PATH, a PATH ending in .log, or an SQLAlchemy URL such as sqlite:///optuna.db "
-                 "or postgresql://user:pass@host/db")
+                 "or postgresql://user:pass@host/db")  # (postgresql:// uses psycopg when psycopg2 is absent)
 # driver module -> the pip package that provides it
 _DRIVER_PACKAGES = {"psycopg2": "psycopg2-binary", "psycopg": "'psycopg[binary]'", "MySQLdb": "mysqlclient",
                     "pymysql": "pymysql", "asyncpg": "asyncpg", "oracledb": "oracledb", "pyodbc": "pyodbc"}
@@ -90,6 +90,10 @@ def _check_rdb(url: str, what: str) -> str:
     except (ArgumentError, ValueError) as exc:
         raise ConfigError(f"{what} {url}: malformed database URL ({_first_line(exc)}); "
                           f"give {STORAGE_FORMS}") from None
+    if parsed.drivername == "postgresql" and _importable("psycopg") and not _importable("psycopg2"):
+        # a bare postgresql:// means psycopg2 to SQLAlchemy; the `postgres` extra installs psycopg (3)
+        parsed = parsed.set(drivername="postgresql+psycopg")
+        url, dialect = parsed.render_as_string(hide_password=False), parsed.get_dialect()
     try:
         dialect.import_dbapi()
     except ImportError as exc:
@@ -157,6 +161,12 @@ def check_connection(url: str, what: str = "--storage") -> None:
         raise ConfigError(f"{what} {_redact(url)}: {reason}") from None
     finally:
         engine.dispose()
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
 
 
 def _redact(url: str) -> str:

@@ -273,3 +273,16 @@ def test_a_ray_run_and_local_workers_share_one_postgres_study(server, tmp_path):
     _check_agree(df, _study(url, "mixed"))
     assert set(df["executor"]) == {"ray", "local"}
     assert not list((tmp_path / "studies").rglob("heartbeat.json"))
+
+
+def test_a_bare_postgresql_url_uses_the_installed_psycopg(server, tmp_path):
+    """`postgresql://` means psycopg2 to SQLAlchemy; with only psycopg (3) installed, as the
+    `postgres` extra does, the URL is taken with that driver instead of failing."""
+    import importlib.util
+
+    from mdmsearch.preflight import normalize_storage
+
+    if importlib.util.find_spec("psycopg2") is not None:
+        pytest.skip("psycopg2 is installed: a bare postgresql:// URL uses it")
+    bare = server.url().replace("postgresql+psycopg://", "postgresql://")
+    assert normalize_storage(bare, None) == server.url()

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import CholeskyError, InvalidStructureError
+from . import draws
 from .ops import apply_matrix, batch_view, phi_and_noise_cov, sum_except_batch
 from .params import mask_to_tuple
 from .schedules import Schedule
@@ -199,16 +200,14 @@ class LinearMDM(nn.Module):
         """Draw z_t ~ q(z_t | x) = N(m_t, Sigma_t): z_t = m_t + L_t eps.  Returns (z_t, eps, kernel)."""
         kern = kernel if kernel is not None else self.kernel(t, given="x")
         if eps is None:
-            eps = torch.randn(
-                (x.shape[0], self.n, *x.shape[1:]), generator=generator, dtype=x.dtype, device=x.device
-            )
+            eps = draws.randn((x.shape[0], self.n, *x.shape[1:]), generator, dtype=x.dtype, device=x.device)
         z = self.mean(x, kern.phi) + apply_matrix(kern.chol, eps)  # [B, n, *shape]
         return z, eps, kern
 
     def sample_v0(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """v0 ~ q(v0 | x) = N(0, gamma I), [B, K, *shape]."""
         shape = (x.shape[0], self.n_aux, *x.shape[1:])
-        return math.sqrt(self.gamma) * torch.randn(shape, generator=generator, dtype=x.dtype, device=x.device)
+        return math.sqrt(self.gamma) * draws.randn(shape, generator, dtype=x.dtype, device=x.device)
 
     # ------------------------------------------------------------------ prior
     def sample_prior(self, batch: int, data_shape, *, generator=None, device=None, dtype=torch.float32):

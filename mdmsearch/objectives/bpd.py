@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from ..diffusion import draws
 from ..diffusion.ops import sum_except_batch
 
 __all__ = ["dequantize", "logit_transform", "inverse_logit_transform", "bits_per_dim", "nats_to_bpd", "preprocess_pixels"]
@@ -19,7 +20,7 @@ LOGIT_ALPHA = 0.05
 
 def dequantize(pixels: torch.Tensor, levels: int, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """Integer pixels in {0..levels-1} -> x in (0, 1) with uniform noise, float32."""
-    u = torch.rand(pixels.shape, generator=generator, device=pixels.device)
+    u = draws.rand(pixels.shape, generator, device=pixels.device)
     return (pixels.to(torch.float32) + u) / levels
 
 

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from ..diffusion import draws
 from ..diffusion.ops import apply_matrix, inv_lower, sum_except_batch
 from ..diffusion.process import Kernel, LinearMDM
 from .residual import gaussian_dsm_expectation, gaussian_error, is_kernel_aware
@@ -144,7 +145,7 @@ def truncation_term(
     t = torch.full((batch,), float(t_min), dtype=_DT, device=process.s_inf.device)
     kern_xv = process.kernel(t[:1], given="xv")
     v0 = process.sample_v0(x, generator)  # [B, K, *shape]
-    eps = torch.randn((batch, process.n, *x.shape[1:]), generator=generator, dtype=x.dtype, device=x.device)
+    eps = draws.randn((batch, process.n, *x.shape[1:]), generator, dtype=x.dtype, device=x.device)
     # u = Phi z0 + L eps = Phi e_1 x + w, w = Phi[:, 1:] v0 + L eps (w ~ N(0, Sigma given x))
     w = apply_matrix(kern_xv.chol[0], eps) + apply_matrix(kern_xv.phi[0], process.embed(torch.zeros_like(x), v0))
     u = process.mean(x, kern_xv.phi) + w

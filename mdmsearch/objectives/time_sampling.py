@@ -12,6 +12,7 @@ from typing import Callable
 
 import torch
 
+from ..diffusion import draws
 from ..diffusion.process import LinearMDM
 
 __all__ = [
@@ -66,7 +67,7 @@ class TimeSampler(ABC):
         """Restore :meth:`state_dict` (tensors moved to ``device``)."""
 
     def _uniform(self, batch, generator, device, stratum=None) -> torch.Tensor:
-        u = torch.rand(batch, generator=generator, dtype=_DT, device=device)
+        u = draws.rand(batch, generator, dtype=_DT, device=device)
         if stratum is not None:
             i, n = stratum
             if not 0 <= i < n:

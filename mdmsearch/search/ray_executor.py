@@ -195,10 +195,23 @@ def _next_experiment(ray_dir: Path) -> str:
     return f"{EXPERIMENT_PREFIX}{max(runs, default=0) + 1}"
 
 
+def trial_resources(spec: SearchSpec) -> dict[str, float]:
+    """What one Tune trial holds: the spec's ``resources``, covering its ``budget.devices``
+    processes (one GPU each when the trial asks for GPUs, else one CPU each)."""
+    resources = {"cpu": 1, "gpu": 0, **spec.resources}
+    devices = spec.budget.devices
+    if resources["gpu"] and resources["gpu"] < devices:
+        raise MDMError(f"budget.devices {devices}: each process needs a GPU, but resources ask for "
+                       f"{resources['gpu']:g} per trial; set resources.gpu to {devices}")
+    if not resources["gpu"]:
+        resources["cpu"] = max(resources["cpu"], devices)
+    return resources
+
+
 def _build_tuner(spec: SearchSpec, space_size: Optional[int], deadline: Deadline):
     from ray import tune
 
-    resources = {"cpu": 1, "gpu": 0, **spec.resources}
+    resources = trial_resources(spec)
     tune_config = tune.TuneConfig(search_alg=StudySearcher(spec, space_size, deadline), num_samples=-1,
                                   max_concurrent_trials=spec.workers, reuse_actors=True,
                                   trial_dirname_creator=trial_dirname)

@@ -24,7 +24,7 @@ from ..data import load_cached
 from ..errors import MDMError
 from ..io import atomic_write_json
 from ..leaderboard import mask_json, write_curve, write_trial
-from ..training import StopTraining, Trainer
+from ..training import Launch, StopTraining
 from .confirm import Step, next_step, plan_overrides
 from .failpoints import TrialEnd, failpoint
 from .plan import TrialPlan, suggest_plan
@@ -208,7 +208,7 @@ def train(run: TrialRun, report: Optional[Callable[[int, dict], None]], study: O
     try:
         atomic_write_json(art_dir / "plan.json", {"plan": run.plan.__dict__, "trial": number})
         with Heartbeat(art_dir, number, study, run.rec.trial_id):
-            trainer = Trainer(config, art_dir, callback=reporter, data=load_cached(spec.data))
+            trainer = Launch(config, art_dir, callback=reporter, data=load_cached(spec.data))  # train.devices processes
             result = trainer.run(resume=True, replay=True)  # the pruner sees the curve from before a crash
     except MDMError as exc:  # NaN loss, failed Cholesky, invalid process: a decided failure
         log.warning("trial %d failed: %s", number, exc)

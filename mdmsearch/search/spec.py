@@ -115,6 +115,8 @@ class Budget(_Strict):
     sample_steps: int = Field(100, gt=0)
     device: str = "auto"
     threads: int = Field(1, gt=0, description="torch CPU threads per worker")
+    devices: int = Field(1, gt=0, description="processes that train one trial together, data parallel (train.devices:"
+                                              " one GPU each on CUDA); the same run up to the order of float sums")
 
 
 class Objective(_Strict):
@@ -216,8 +218,8 @@ class SearchSpec(_Strict):
         keep = self.model_dump(mode="json", exclude={"n_trials", "workers", "storage", "studies_dir",
                                                        "leaderboard_dir", "executor", "resources",
                                                        "time_budget_s", "confirm"})
-        keep["budget"].pop("device", None)
-        keep["budget"].pop("threads", None)
+        for where_it_runs in ("device", "threads", "devices"):  # not the space: the same runs up to float order
+            keep["budget"].pop(where_it_runs, None)
         return keep
 
     def spec_hash(self) -> str:

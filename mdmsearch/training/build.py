@@ -1,8 +1,9 @@
 """Building a run's pieces from its configuration: ``build_parts(config, data) -> Parts``.
 
 Data, process, network, noise predictor (the network alone, or the exact Gaussian part plus
-the network), the training and evaluation time samplers, the optimizer over the network and
-process parameter groups, the warm-up schedule, the EMA and the two random generators.
+the network; under autocast for ``model.precision`` bf16/fp16), the training and evaluation
+time samplers, the optimizer over the network and process parameter groups, the warm-up
+schedule, the EMA, the two random generators and the fp16 loss scaler.
 
 The order of construction is part of the result: the network's initialization draws from
 torch's global generator, seeded with ``train.seed`` before anything else is built, so a
@@ -25,6 +26,7 @@ from ..objectives.residual import GaussianStats, ResidualEps, residual_stats
 from ..objectives.time_sampling import TimeSampler
 from .ema import EMA
 from .evaluate import data_moments
+from .precision import autocast_network, make_scaler
 
 __all__ = ["Parts", "build_parts", "resolve_device", "network_name", "make_optimizer", "make_scheduler",
            "param_groups", "residual_statistics"]
@@ -43,7 +45,8 @@ class Parts:
     process: LinearMDM
     net: torch.nn.Module
     parameterization: str  # "eps" or "mixed"
-    model: Callable  # the noise predictor the ELBO, evaluation and samplers see: net or ResidualEps(net)
+    model: Callable  # the noise predictor the ELBO, evaluation and samplers see: net or ResidualEps(net),
+    # with the network under autocast for model.precision bf16/fp16 (net itself stays the float32 module)
     time_sampler: TimeSampler  # t in training
     eval_sampler: TimeSampler  # t in evaluation
     process_params: list[torch.nn.Parameter]  # the learned entries of Q and D (none for a fixed process)
@@ -53,6 +56,7 @@ class Parts:
     data_gen: torch.Generator  # batch indices (CPU)
     noise_gen: torch.Generator  # t, eps, dequantization (device)
     n_params: int  # network parameters
+    scaler: Optional[torch.amp.GradScaler]  # loss scaling of fp16 training (None for fp32, bf16)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -106,20 +110,23 @@ def residual_statistics(config: RunConfig, data: DataBundle) -> GaussianStats:
 def _build_model(config: RunConfig, data: DataBundle, process: LinearMDM,
                  device: torch.device) -> tuple[torch.nn.Module, str, Callable]:
     """(network, parameterization, noise predictor): the network, or the exact Gaussian-data
-    prediction plus the network (statistics of the training split, fixed) for ``mixed``."""
+    prediction plus the network (statistics of the training split, fixed) for ``mixed``; the
+    predictor calls the network under autocast for ``model.precision`` bf16 / fp16."""
     net = build_network(network_name(config, data.shape), n_vars=process.n, data_shape=tuple(data.shape),
                         size=config.model.size, **config.model.options).to(device)
     parameterization = resolve_parameterization(config.model.parameterization, process.n_aux)
-    model = (ResidualEps(net, residual_statistics(config, data)).to(device)
-             if parameterization == "mixed" else net)
+    called = autocast_network(net, config.model.precision, device)  # net itself for fp32
+    model = (ResidualEps(called, residual_statistics(config, data)).to(device)
+             if parameterization == "mixed" else called)
     return net, parameterization, model
 
 
-def build_parts(config: RunConfig, data: Optional[DataBundle] = None) -> Parts:
+def build_parts(config: RunConfig, data: Optional[DataBundle] = None, device: Optional[torch.device] = None) -> Parts:
     """A run's pieces in a fixed order (seeds first); ``data`` defaults to the dataset the
-    configuration names.  Raises for a process structure that cannot be valid (no training)."""
+    configuration names, ``device`` to ``train.device`` resolved (a data-parallel process
+    passes its own).  Raises for a process structure that cannot be valid (no training)."""
     tc = config.train
-    device = resolve_device(tc.device)
+    device = device if device is not None else resolve_device(tc.device)
     torch.manual_seed(tc.seed)
     data = data if data is not None else load_from_config(config.data)
     process: LinearMDM = config.process.build(seed=tc.seed).to(device)
@@ -137,5 +144,5 @@ def build_parts(config: RunConfig, data: Optional[DataBundle] = None) -> Parts:
         ema=EMA(list(net.parameters()) + process_params, config.optim.ema),
         data_gen=torch.Generator().manual_seed(tc.seed + 1),
         noise_gen=torch.Generator(device=device).manual_seed(tc.seed + 2),
-        n_params=count_parameters(net),
+        n_params=count_parameters(net), scaler=make_scaler(config.model.precision, device),
     )

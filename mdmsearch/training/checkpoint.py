@@ -41,8 +41,9 @@ def checkpoint_step(path: str | Path) -> int | None:
         return None
 
 
-# train.* keys a resumed run may change: the budget may grow, the progress display is the caller's
-RESUMABLE_CHANGES = ("steps", "progress")
+# train.* keys a resumed run may change: the budget may grow, the progress display is the caller's,
+# and the number of processes changes only the order of float sums (their checkpoints are alike)
+RESUMABLE_CHANGES = ("steps", "progress", "devices")
 _MISSING = object()
 
 

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from ..diffusion.process import LinearMDM
 from ..objectives import bits_per_dim, elbo_terms, preprocess_pixels
 from ..objectives.time_sampling import TimeSampler
+
+if TYPE_CHECKING:
+    from .distributed import Group
 
 
 def prepare_batch(batch: torch.Tensor, levels: int | None, generator: torch.Generator | None):
@@ -50,6 +53,7 @@ def evaluate_bpd(
     seed: int = 12345,
     device: torch.device | str = "cpu",
     return_all: bool = False,
+    group: "Group | None" = None,
 ) -> dict:
     """Mean bits per dimension (with the truncation term) and its standard error over ``data``.
 
@@ -61,22 +65,26 @@ def evaluate_bpd(
     same examples see the same dequantized data and the same times whatever their number of
     variables (and the same eps when that number is equal): their per-example difference has
     a much smaller variance than either BPD.
+
+    ``group`` (a data-parallel run's processes, :mod:`~mdmsearch.training.distributed`): each
+    process evaluates its rows of every batch, drawing the whole batch's random numbers, and
+    every process gets all per-example values: the numbers of one process evaluating alone.
     """
+    from .distributed import SOLO
+
+    group = group if group is not None else SOLO
     device = torch.device(device)
-    deq_gen = torch.Generator(device=device).manual_seed(int(seed))
-    time_gen = torch.Generator(device=device).manual_seed(int(seed) + 1)
-    noise_gen = torch.Generator(device=device).manual_seed(int(seed) + 2)
-    bpds, kls = [], []
+    gens = [torch.Generator(device=device).manual_seed(int(seed) + k) for k in range(3)]  # deq, time, noise
+    rows = []
     dim = int(data[0].numel())
     for start in range(0, data.shape[0], batch_size):
-        batch = data[start : start + batch_size].to(device)
-        x, ldj = prepare_batch(batch, levels, deq_gen)
-        terms = elbo_terms(process, x, model, time_sampler=time_sampler, n_t=n_t, truncation=True,
-                           generator=noise_gen, time_generator=time_gen)
-        bpds.append(bits_per_dim(terms.total, ldj, dim, levels).cpu())
-        kls.append(process.prior_kl(x).to(torch.float64).cpu())
-    bpd = torch.cat(bpds)
-    kl = torch.cat(kls)
+        batch = data[start : start + batch_size]
+        total, mine = batch.shape[0], group.rows(batch.shape[0])
+        local = _batch_bpd(process, model, batch[mine].to(device), levels, [group.shard(g, total) for g in gens],
+                           time_sampler=time_sampler, n_t=n_t)  # [rows, 2]: bpd, prior KL
+        rows.append(group.gather_rows(local, total))
+    both = torch.cat(rows)  # [N, 2]
+    bpd, kl = both[:, 0].contiguous(), both[:, 1].contiguous()
     return {
         "bpd": float(bpd.mean()),
         "bpd_se": float(bpd.std() / math.sqrt(max(1, bpd.numel() - 1))) if bpd.numel() > 1 else float("nan"),
@@ -84,3 +92,17 @@ def evaluate_bpd(
         "n": int(bpd.numel()),
         **({"per_example": bpd} if return_all else {}),
     }
+
+
+def _batch_bpd(process: LinearMDM, model: Callable, batch: torch.Tensor, levels: int | None, gens: list, *,
+               time_sampler: TimeSampler, n_t: int) -> torch.Tensor:
+    """Per-example BPD and prior KL (nats) of ``batch`` [b, *shape] -> [b, 2] float64 on the CPU;
+    ``gens``: the dequantization, time and noise generators (or their shards)."""
+    if batch.shape[0] == 0:  # (a process without rows: the last batch is smaller than the group)
+        return torch.zeros(0, 2, dtype=torch.float64)
+    deq_gen, time_gen, noise_gen = gens
+    x, ldj = prepare_batch(batch, levels, deq_gen)
+    terms = elbo_terms(process, x, model, time_sampler=time_sampler, n_t=n_t, truncation=True,
+                       generator=noise_gen, time_generator=time_gen)
+    bpd = bits_per_dim(terms.total, ldj, int(batch[0].numel()), levels)  # [b]
+    return torch.stack([bpd, process.prior_kl(x).to(torch.float64)], dim=1).cpu()

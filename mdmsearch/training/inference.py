@@ -49,15 +49,16 @@ def reported_weights(run: RunModel) -> Iterator[None]:
 
 
 def evaluate_model(run: RunModel, data: torch.Tensor, levels: int | None, *, time_sampler: TimeSampler,
-                   n_t: int, seed: int, batch_size: int = 256, return_all: bool = True) -> dict:
+                   n_t: int, seed: int, batch_size: int = 256, return_all: bool = True, group=None) -> dict:
     """:func:`~mdmsearch.training.evaluate.evaluate_bpd` of the reported model on ``data``
     [N, *shape]: bpd, bpd_se, prior_kl_per_dim, n (and per_example).  An adaptive time
-    sampler is refreshed for the reported process first (its importance weights follow Q, D)."""
+    sampler is refreshed for the reported process first (its importance weights follow Q, D).
+    ``group``: the processes of a data-parallel run, which share the examples (default: one)."""
     with reported_weights(run):
         if isinstance(time_sampler, AdaptiveTime):
             time_sampler.refresh(run.process)
         return evaluate_bpd(run.process, run.model, data, levels, time_sampler=time_sampler, batch_size=batch_size,
-                            n_t=n_t, seed=seed, device=run.device, return_all=return_all)
+                            n_t=n_t, seed=seed, device=run.device, return_all=return_all, group=group)
 
 
 def ode_evaluate(run: RunModel, data: torch.Tensor, levels: int | None, *, t_min: float, seed: int) -> dict:

@@ -11,6 +11,11 @@ randomness comes from generators whose states are checkpointed).
 
 The pieces are built by :mod:`.build`, evaluation and sampling go through :mod:`.inference`
 (the reported, EMA weights), and the files a run writes are :mod:`.artifacts`'.
+
+A trainer is one process of its run's group (:mod:`.distributed`; :mod:`.launch` starts them):
+alone by default, or one of N data-parallel processes that each take their rows of every
+batch, average the gradients, and evaluate their share of the examples.  Rank 0 alone writes
+files and calls the callback, and its decisions (resume, stop) reach every process.
 """
 
 from __future__ import annotations
@@ -35,7 +40,9 @@ from ..objectives.time_sampling import AdaptiveTime, TimeSampler
 from . import artifacts
 from .artifacts import PER_EXAMPLE_FILE, RESIDUAL_STATS_FILE  # noqa: F401  (names callers import from here)
 from .build import Parts, build_parts, make_optimizer, resolve_device  # noqa: F401  (re-exported: benchmarks)
+from .state import restore_run, run_state
 from .checkpoint import UNREADABLE, config_mismatch, load_checkpoint, save_checkpoint
+from .distributed import SOLO, Group
 from .ema import EMA
 from .evaluate import prepare_batch
 from .inference import evaluate_model
@@ -45,10 +52,16 @@ log = logging.getLogger(__name__)
 
 Callback = Callable[[int, dict], None]
 CHECKPOINT = "checkpoint.pt"
+# what rank 0 shares when its side of a decision raised (any other shared value is its result, >= 0)
+_STOPPED, _FAILED = -1, -2
 
 
 class StopTraining(Exception):
     """Raised by a callback to end a run early (e.g. a pruner); the message says why."""
+
+
+class MainFailed(Exception):
+    """Raised on ranks 1.. when rank 0 failed at a shared decision (rank 0 raises its own error)."""
 
 
 @dataclass
@@ -97,9 +110,10 @@ class Trainer:
     """One run: its pieces (:class:`~.build.Parts`, as attributes), its step, history and best
     validation BPD; :meth:`fit` trains, evaluates, checkpoints and writes the artifacts.
 
-    Why one class of ~300 lines: it is the loop's state (step, history, best, the pieces) and
-    its methods are the loop's verbs, each under 30 lines; building the pieces lives in
-    :mod:`.build`, evaluation and sampling in :mod:`.inference`, artifacts in :mod:`.artifacts`."""
+    Why one class of ~450 lines: it is the loop's state (step, history, best, the pieces, the
+    process group) and its methods are the loop's verbs, each under 30 lines; building the
+    pieces lives in :mod:`.build`, evaluation and sampling in :mod:`.inference`, artifacts in
+    :mod:`.artifacts`, the processes of a data-parallel run in :mod:`.distributed`."""
 
     # the pieces, from build_parts (callers read and replace them: tr.net, tr.ema, tr.optimizer, ...)
     device: torch.device
@@ -118,13 +132,15 @@ class Trainer:
     data_gen: torch.Generator
     noise_gen: torch.Generator
     n_params: int
+    scaler: Optional[torch.amp.GradScaler]
 
     def __init__(self, config: RunConfig, out_dir: str | Path, callback: Optional[Callback] = None,
-                 data: Optional[DataBundle] = None):
+                 data: Optional[DataBundle] = None, group: Group = SOLO):
         self.config = config
         self.out_dir = Path(out_dir)
         self.callback = callback
-        parts = build_parts(config, data)
+        self.group = group  # this process's place in the run (alone: SOLO)
+        parts = build_parts(config, data, device=group.device)
         for f in fields(Parts):
             setattr(self, f.name, getattr(parts, f.name))
         self.step = 0
@@ -139,33 +155,46 @@ class Trainer:
         """The statistics of the Gaussian part (mixed parameterization), else None."""
         return self.model.stats if isinstance(self.model, ResidualEps) else None
 
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 (or the only process): the one that writes files and calls the callback."""
+        return self.group.is_main
+
     # ------------------------------------------------------------------ one step
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Negative ELBO in nats per dimension without the truncation term at t_min: that term
         costs a second network pass, and its value (and so its pull on Q and D) is small, 0.001
-        to 0.014 nats/dim for trained digits models; evaluation always includes it."""
-        x, _ = prepare_batch(batch, self.data.levels, self.noise_gen)
-        nats = elbo(self.process, x, self.model, time_sampler=self.time_sampler, truncation=False,
-                    generator=self.noise_gen)
+        to 0.014 nats/dim for trained digits models; evaluation always includes it.
+
+        ``batch`` [b, *shape]: this process's rows of a batch of b x (processes) examples, whose
+        dequantization, times and noise are drawn for the whole batch (the rows of one process's draws)."""
+        noise = self.group.shard(self.noise_gen, batch.shape[0] * self.group.world)
+        x, _ = prepare_batch(batch, self.data.levels, noise)
+        nats = elbo(self.process, x, self.model, time_sampler=self.time_sampler, truncation=False, generator=noise)
         return -nats.mean() / self.data.dim
 
+    def _batch(self) -> torch.Tensor:
+        """This process's rows of a random batch of ``optim.batch_size`` examples (every process
+        draws the same indices), [batch_size / processes, *shape] on the device."""
+        size = self.config.optim.batch_size
+        idx = torch.randint(0, self.train_x.shape[0], (size,), generator=self.data_gen)
+        return self.train_x[idx[self.group.rows(size)].to(self.device)]
+
     def train_step(self) -> float:
-        """One optimizer step on a random batch; the loss (nats/dim) before the step."""
-        idx = torch.randint(0, self.train_x.shape[0], (self.config.optim.batch_size,), generator=self.data_gen)
-        batch = self.train_x[idx.to(self.device)]
+        """One optimizer step on a random batch; the loss (nats/dim, of the whole batch) before the step."""
+        batch = self._batch()
         if not self.net.training:  # (evaluation switches it off; walking the modules every step costs)
             self.net.train()
         loss = self.loss(batch)
-        value = loss.item()
+        self.optimizer.zero_grad(set_to_none=True)
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        value = self.group.reduce_gradients(self._with_grads(), loss)  # (processes: gradients averaged)
         if not math.isfinite(value):
             raise NonFiniteLossError(
                 f"non-finite loss ({value}) at step {self.step + 1} for process {self.process.name!r} "
                 f"(Q={self.process.Q.detach().tolist()}, D={self.process.D.detach().tolist()}); "
                 "lower the learning rates or check the data")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self._clip_gradients()
-        self.optimizer.step()
+        self._optimizer_step()
         self.scheduler.step()
         self.ema.update(self.step)
         self.step += 1
@@ -173,17 +202,36 @@ class Trainer:
             self.time_sampler.refresh(self.process)
         return value
 
-    def _clip_gradients(self) -> None:
+    def _with_grads(self) -> list[torch.nn.Parameter]:
+        """The optimizer's parameters (network, then process) that have gradients."""
+        return [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+
+    def _optimizer_step(self) -> None:
+        """Clip and step; with fp16's loss scaler: unscale first, and a step whose gradients
+        overflowed is skipped (the scaler lowers its scale) instead of failing the run."""
+        if self.scaler is None:
+            self._clip_gradients()
+            self.optimizer.step()
+            return
+        self.scaler.unscale_(self.optimizer)
+        self._clip_gradients(overflow_ok=True)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+
+    def _clip_gradients(self, overflow_ok: bool = False) -> None:
         """Scale all gradients (network and process) to a total 2-norm of at most ``optim.grad_clip``.
 
         The same rule as ``clip_grad_norm_`` (factor min(1, c / (norm + 1e-6))), but the norm is read
         once on the host, which the finiteness check needs anyway, and gradients are multiplied
         only when the factor is below 1: the multiply-by-one of every step cost as much as the
-        norm on CPU (0.35 of 0.9 ms per digits step)."""
-        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        norm on CPU (0.35 of 0.9 ms per digits step).  A non-finite norm is an error, unless
+        ``overflow_ok`` (the fp16 scaler skips that step)."""
+        params = self._with_grads()
         total = _total_norm([p.grad for p in params])
         norm = float(total)
         if not math.isfinite(norm):
+            if overflow_ok:
+                return
             raise NonFiniteLossError(f"non-finite gradient at step {self.step + 1}")
         max_norm = self.config.optim.grad_clip
         if max_norm / (norm + 1e-6) < 1.0:
@@ -192,7 +240,8 @@ class Trainer:
     def evaluate(self, split: str = "val", n_examples: Optional[int] = None, n_t: Optional[int] = None) -> dict:
         """BPD of the reported (EMA) model on the first ``n_examples`` of ``split`` with ``n_t``
         time strata (default ``train.eval_n_t``) and the evaluation seed; see
-        :func:`~.inference.evaluate_model`.  Repeated at the same step, the same numbers."""
+        :func:`~.inference.evaluate_model` (the processes of a group share the examples, and
+        every process gets the numbers).  Repeated at the same step, the same numbers."""
         tc = self.config.train
         n_t = tc.eval_n_t if n_t is None else int(n_t)
         data = getattr(self.data, split)
@@ -202,61 +251,52 @@ class Trainer:
         if self._last_eval is not None and self._last_eval[0] == key:
             return dict(self._last_eval[1])  # same weights, same data, same seed: same numbers
         res = evaluate_model(self, data, self.data.levels, time_sampler=self.eval_sampler, n_t=n_t,
-                             seed=tc.eval_seed, batch_size=tc.eval_batch_size)
+                             seed=tc.eval_seed, batch_size=tc.eval_batch_size, group=self.group)
         self._last_eval = (key, dict(res))
         return res
 
+    # ------------------------------------------------------------------ decisions of rank 0
+    def _on_main(self, decide: Callable[[], int]) -> int:
+        """``decide()`` on rank 0 (an int >= 0), its result on every process.  What it raises
+        is raised there, and on the other processes as StopTraining (a StopTraining) or
+        :class:`MainFailed` (anything else): no process is left waiting for the others."""
+        code, error = 0, None
+        if self.is_main:
+            try:
+                code = decide()
+            except StopTraining as exc:
+                code, error = _STOPPED, exc
+            except Exception as exc:  # any failure: shared first, then raised here
+                code, error = _FAILED, exc
+        code = self.group.share(code)
+        if error is not None:
+            raise error
+        if code == _STOPPED:
+            raise StopTraining(f"stopped by rank 0 at step {self.step}")
+        if code == _FAILED:
+            raise MainFailed(f"rank 0 failed at step {self.step}")
+        return code
+
+    def _report(self, step: int, row: dict) -> None:
+        """The callback with one evaluation, on rank 0; a StopTraining it raises stops every process."""
+        if self.callback is None and self.group.world == 1:
+            return
+
+        def call() -> int:
+            if self.callback is not None:  # (rank 0's; the other processes have none)
+                self.callback(step, dict(row))
+            return 0
+
+        self._on_main(call)
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
-        """Everything a resumed run needs to continue exactly: weights, optimizer, RNG states."""
-        return {
-            "config": self.config.model_dump(mode="json"),
-            "step": self.step,
-            "train_seconds": self.train_seconds,
-            "history": self.history,
-            "best_val": self.best_val,
-            "running_loss": self.running_loss,
-            "net": self.net.state_dict(),
-            "parameterization": self.parameterization,
-            "residual_stats": self.residual.state_dict() if self.residual is not None else None,
-            "process": self.process.state_dict(),
-            "ema": self.ema.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "data": self.data_gen.get_state(),
-                    "noise": self.noise_gen.get_state(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
-            "time_sampler": self.time_sampler.state_dict() or None,
-        }
-
-    def _check_parameterization(self, state: dict) -> None:
-        saved = state.get("parameterization", "eps")  # checkpoints before the residual were eps
-        if saved != self.parameterization:
-            raise ConfigError(f"checkpoint was written with model.parameterization={saved!r}, but this run uses "
-                              f"{self.parameterization!r}; the network outputs mean different things")
+        """Everything a resumed run needs to continue exactly (see :func:`.state.run_state`)."""
+        return run_state(self)
 
     def load_state_dict(self, state: dict) -> None:
         """Restore a :meth:`state_dict` (of a run with the same parameterization)."""
-        self._check_parameterization(state)
-        if self.residual is not None:
-            self.residual.load_state_dict(state["residual_stats"])  # the statistics trained with, not recomputed
-        self.step = state["step"]
-        self.train_seconds = state["train_seconds"]
-        self.history = state["history"]
-        self.best_val = state["best_val"]
-        self.running_loss = state.get("running_loss")
-        self.net.load_state_dict(state["net"])
-        self.process.load_state_dict(state["process"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"]["torch"])
-        self.data_gen.set_state(state["rng"]["data"])
-        self.noise_gen.set_state(state["rng"]["noise"])
-        if state["rng"].get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-        if state.get("time_sampler") and self.time_sampler.state_dict():  # (a sampler without state keeps none)
-            self.time_sampler.load_state_dict(state["time_sampler"], device=self.device)
+        restore_run(self, state)
 
     def save(self) -> None:
         save_checkpoint(self.out_dir / CHECKPOINT, self.state_dict())
@@ -268,7 +308,14 @@ class Trainer:
 
     def try_resume(self) -> bool:
         """Continue from the checkpoint in ``out_dir`` if there is one: False when there is none or
-        it was damaged (set aside, the run starts again); a different configuration is an error."""
+        it was damaged (set aside, the run starts again); a different configuration is an error.
+        Rank 0 decides (and sets a damaged file aside); the other processes then read the same file."""
+        resumed = bool(self._on_main(lambda: int(self._resume_from_checkpoint())))
+        if resumed and not self.is_main:
+            self.load_state_dict(load_checkpoint(self.out_dir / CHECKPOINT, map_location=self.device))
+        return resumed
+
+    def _resume_from_checkpoint(self) -> bool:
         path = self.out_dir / CHECKPOINT
         if not path.exists():
             return False
@@ -289,16 +336,16 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict:
         """Train to ``train.steps`` (from the checkpoint with ``resume``), then :meth:`finish`."""
         tc = self.config.train
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        artifacts.write_config(self.out_dir, self.config)
+        self._start_files()
         if resume:
             self.try_resume()
-        if self.residual is not None:
+        if self.residual is not None and self.is_main:
             artifacts.write_residual_stats(self.out_dir, self.residual)
-        if self.step == 0:
+        if self.step == 0 and self.is_main:
             log.info("process %s (n=%d, %s), network %d params, dataset %s %s", self.process.name, self.process.n,
                      "learned" if self.process_params else "fixed", self.n_params, self.data.name, self.data.shape)
-        bar = _progress(tc, self.step)
+        self.group.separate_global_rng(tc.seed, self.step)
+        bar = _progress(tc, self.step) if self.is_main else None
         while self.step < tc.steps:
             t0 = time.perf_counter()
             loss = self.train_step()
@@ -313,15 +360,21 @@ class Trainer:
             bar.close()
         return self.finish()
 
+    def _start_files(self) -> None:
+        """The run directory and config.yaml (rank 0)."""
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            artifacts.write_config(self.out_dir, self.config)
+
     def run(self, *, resume: bool = True, replay: bool = False) -> RunResult:
         """:meth:`fit` for callers that may stop the run early: a callback raising
         :class:`StopTraining` ends it with a result instead of an exception.  ``replay``: after
         resuming, the restored evaluations go through the callback first, so that a pruner
         judges the whole curve, not just the part after a crash."""
         try:
-            if resume and self.try_resume() and replay and self.callback is not None:
+            if resume and self.try_resume() and replay:
                 for row in list(self.history):
-                    self.callback(int(row["step"]), dict(row))
+                    self._report(int(row["step"]), row)
             metrics = self.fit(resume=False)
         except StopTraining as stop:
             return RunResult(False, self.progress(), reason=str(stop) or f"stopped at step {self.step}")
@@ -333,11 +386,17 @@ class Trainer:
         row = {"step": self.step, "train_loss": running_loss, "val_bpd": res["bpd"], "val_bpd_se": res["bpd_se"],
                "train_seconds": self.train_seconds}
         self.history.append(row)
-        log.info("step %d  loss %.4f  val_bpd %.4f", self.step, running_loss if running_loss is not None else float("nan"), res["bpd"])
-        self.save()
-        artifacts.write_history(self.out_dir, self.history)
-        if self.callback is not None:
-            self.callback(self.step, dict(row))
+        self.group.check_replicas(self._replicated(), self.step)
+        if self.is_main:
+            log.info("step %d  loss %.4f  val_bpd %.4f", self.step,
+                     running_loss if running_loss is not None else float("nan"), res["bpd"])
+            self.save()
+            artifacts.write_history(self.out_dir, self.history)
+        self._report(self.step, row)
+
+    def _replicated(self) -> list[torch.Tensor]:
+        """What every process of a group holds identically: the weights and their EMA."""
+        return [*self.net.parameters(), *self.process_params, *self.ema.shadow]
 
     # ------------------------------------------------------------------ the end
     def process_summary(self) -> dict:
@@ -351,15 +410,17 @@ class Trainer:
                                        seed=tc.eval_seed)
 
     def finish(self) -> dict:
-        """Final evaluation (val, then test once), artifacts and metrics.json."""
+        """Final evaluation (val, then test once; every process), then rank 0's artifacts and metrics."""
         tc = self.config.train
         # the final evaluation ranks runs: both held-out splits with test_n_t strata (paired SE of a
         # difference between two digits runs ~0.005 bpd at 384), validation during training with eval_n_t
         val = self.evaluate("val", n_t=tc.test_n_t)
         test = self.evaluate("test", n_t=tc.test_n_t)
-        artifacts.write_per_example(self.out_dir, val, test, tc.test_n_t)
         summary = self.process_summary()
         metrics = self._final_metrics(val, test, summary)
+        if not self.is_main:
+            return metrics
+        artifacts.write_per_example(self.out_dir, val, test, tc.test_n_t)
         artifacts.write_process(self.out_dir, summary, self.step)
         if tc.n_samples > 0:
             metrics["samples"] = self.write_samples(tc.n_samples)
