@@ -194,8 +194,21 @@ class OptimConfig(_Strict):
     ema: float = Field(0.999, ge=0, lt=1)
 
 
+class QualityConfig(_Strict):
+    """Sample quality at the end of a run (see docs/quality.md): ``n`` samples drawn with
+    ``sampler`` at ``nfe`` network evaluations from noise seeded with ``seed`` (the same noise for
+    every run: common random numbers), scored by KID and FID against the training split in the
+    feature space ``features`` (auto: the dataset's own classifier for 1 channel, Inception for 3)."""
+
+    n: int = Field(256, gt=1, description="samples scored")
+    sampler: Literal["em", "ode"] = "em"
+    nfe: int = Field(100, gt=0, description="network evaluations per sample (em: one per step; ode, RK4: four)")
+    seed: int = 2024
+    features: str = "auto"
+
+
 class TrainConfig(_AddedLater):
-    ADDED_LATER: ClassVar[tuple[str, ...]] = ("devices",)
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("devices", "quality")
 
     steps: int = Field(1000, gt=0)
     eval_every: int = Field(200, gt=0)
@@ -215,6 +228,7 @@ class TrainConfig(_AddedLater):
     n_samples: int = Field(64, ge=0, description="samples drawn into the grid at the end (0 = none)")
     sample_steps: int = Field(200, gt=0)
     progress: bool = True
+    quality: Optional[QualityConfig] = Field(None, description="sample quality (KID, FID) at the end; None = not measured")
     devices: int = Field(1, gt=0, description="processes that train this one run data-parallel (CPU: one per share of "
                                               "the cores; CUDA: one per GPU, cuda:0 .. cuda:N-1); optim.batch_size "
                                               "is the global batch, split evenly between them")

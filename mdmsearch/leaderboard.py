@@ -24,7 +24,7 @@ from .io import atomic_write
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2  # 2: parameterization, residual_stats
+SCHEMA_VERSION = 3  # 2: parameterization, residual_stats; 3: kid, kid_se, fid, quality
 
 # Column -> arrow type.  Every file has exactly this schema (missing values are null).
 COLUMNS: dict[str, pa.DataType] = {
@@ -62,6 +62,10 @@ COLUMNS: dict[str, pa.DataType] = {
     "test_bpd": pa.float64(),
     "best_val_bpd": pa.float64(),
     "prior_kl_per_dim": pa.float64(),
+    "kid": pa.float64(),  # sample quality (docs/quality.md): KID against the training split, lower is better
+    "kid_se": pa.float64(),
+    "fid": pa.float64(),
+    "quality": pa.string(),  # JSON: how kid/fid were measured (features, n, sampler, nfe, seed, seconds)
     "steps": pa.int64(),  # fidelity reached
     "budget_steps": pa.int64(),
     "train_seconds": pa.float64(),
@@ -198,6 +202,7 @@ def ranked(df, metric: str = "val_bpd"):
         val_bpd=(metric, "mean"), val_std=(metric, "std"), test_bpd=("test_bpd", "mean"),
         test_std=("test_bpd", "std"), n=(metric, "count"), steps=("steps", "max"),
         train_seconds=("train_seconds", "mean"),
+        **({"kid": ("kid", "mean")} if "kid" in ok.columns else {}),
     ).reset_index().merge(runs, on=keys, how="left")
     agg["steps"] = agg["steps"].astype("Int64")
     agg["n"] = agg["n"].astype("Int64")

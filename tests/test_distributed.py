@@ -19,6 +19,9 @@ from mdmsearch.errors import ProcessGroupError
 from mdmsearch.training import StopTraining, Trainer, launch
 from mdmsearch.training.distributed import SOLO, Ranks, init_group, leave_group
 
+# a rank that dies before reporting must fail the test, not hang the suite
+pytestmark = pytest.mark.timeout(300)
+
 STEPS = 8
 # agreement of 2 processes with 1 (same seed and global batch), measured on this 2-core machine
 # (torch 2.10, gloo) for this config: training losses within 1e-11 relative, validation BPD

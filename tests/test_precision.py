@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mdmsearch.config import parse_run_config
-from mdmsearch.errors import ConfigError
+from mdmsearch.errors import ConfigError, NonFiniteLossError
 from mdmsearch.training import Trainer
 from mdmsearch.training.precision import Autocast, autocast_network
 
@@ -59,7 +59,16 @@ def test_autocast_covers_the_network_only(tmp_path):
 
     tr.net.register_forward_hook(record("net"))
     tr.model.net.register_forward_hook(record("fed"))
+    autocast_in_process = []  # was autocast on while the process computed its kernels?
+    for name in ("kernel", "kernel_and_end"):
+        original = getattr(tr.process, name)
+
+        def spy(*args, _original=original, **kwargs):
+            autocast_in_process.append(torch.is_autocast_enabled("cpu"))
+            return _original(*args, **kwargs)
+        setattr(tr.process, name, spy)
     tr.train_step()
+    assert autocast_in_process and not any(autocast_in_process)  # the process math is outside autocast
     assert seen["net"][1] == torch.bfloat16  # the network computes in bf16
     assert seen["fed"] == (torch.float32, torch.float32)  # the ELBO's data dtype, in and out
     assert tr.process_params and all(p.dtype == torch.float64 and p.grad.dtype == torch.float64
@@ -97,10 +106,15 @@ def test_fp16_skips_an_overflowing_step_instead_of_failing(tmp_path):
     halved); in fp32 a non-finite gradient is an error."""
     tr = Trainer(_cfg("fp16", steps=2), tmp_path)
     tr.scaler.load_state_dict({**tr.scaler.state_dict(), "scale": 2.0 ** 120})  # scaled gradients overflow
-    before = [p.detach().clone() for p in tr.net.parameters()]
+    before = [p.detach().clone() for p in [*tr.net.parameters(), *tr.process_params]]
     tr.train_step()
     assert tr.scaler.get_scale() == 2.0 ** 119
-    assert all(torch.equal(a, p) for a, p in zip(before, tr.net.parameters()))
+    assert all(torch.equal(a, p) for a, p in zip(before, [*tr.net.parameters(), *tr.process_params]))  # Q, D too
+    fp32 = Trainer(_cfg("fp32", steps=2), tmp_path / "fp32")
+    fp32.loss(fp32.train_x[:8]).backward()
+    next(fp32.net.parameters()).grad.fill_(math.inf)
+    with pytest.raises(NonFiniteLossError, match="non-finite gradient"):
+        fp32._clip_gradients()
 
 
 def test_precision_errors_are_one_line():

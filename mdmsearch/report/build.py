@@ -22,6 +22,7 @@ from ..errors import MDMError
 from . import data as D
 from . import figures as F
 from ..viz import plot_qd
+from .quality import quality_section
 from .render import Figure, Report, Section, render_html, render_markdown
 from .studies import StudyInfo, compute_importances, load_study
 
@@ -149,7 +150,7 @@ def assemble(df, *, root: Path, dataset: str, work: Path, studies_dir: Path, top
     table_notes = [] if table.best_learned is not None else ["No learned structure has completed a full run yet."]
     infos: dict[str, StudyInfo] = {s: compute_importances(load_study(studies_dir, s, storage)) for s in studies}
     sections = [_progress_section(ctx), _structure_section(ctx), _importance_section(ctx, infos),
-                _qd_section(ctx), _curves_section(ctx), _samples_section(ctx)]
+                _qd_section(ctx), _curves_section(ctx), _samples_section(ctx), quality_section(ctx, _draw)]
     prov = D.provenance(df, {s: i.as_dict() for s, i in infos.items()})
     prov.update(root=str(root.resolve()), curves_root=str(D.curves_root_for(root).resolve()),
                 studies_dir=str(Path(studies_dir).resolve()), generator=__version__)

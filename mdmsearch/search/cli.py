@@ -322,6 +322,8 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
         raise MDMError("no completed trials in the leaderboard yet")
     cols = ["label", "val_bpd", "val_std", "test_bpd", "n", "vs_baseline", "vs_baseline_se", "p_better", "verdict",
             "steps", "train_seconds", "studies", "trials"]
+    if "kid" in view.columns and view["kid"].notna().any():  # sample quality, where trials measured it
+        cols.insert(cols.index("steps"), "kid")
     parts = [part.head(args.top) for _, part in view.groupby("dataset")]
     if args.format == "json":  # one JSON document (an array of records), whatever the number of datasets
         records = []

@@ -20,7 +20,7 @@ from .dimensions import SEED, Dim, default_value, predictor_choices  # noqa: F40
 from .spec import FloatRange, SearchSpec
 # budget keys that change neither the training nor the value told to the study's pruner: runs that
 # differ only in these are one configuration (a confirmation trial's finer final evaluation)
-EVALUATION_ONLY = {"device", "threads", "devices", "test_n_t", "n_samples", "sample_steps"}
+EVALUATION_ONLY = {"device", "threads", "devices", "test_n_t", "n_samples", "sample_steps", "quality"}
 
 
 @dataclass
@@ -70,7 +70,8 @@ class TrialPlan:
             "train": {"steps": b.steps, "eval_every": b.eval_every, "eval_examples": b.eval_examples,
                       "eval_n_t": b.eval_n_t, "test_n_t": self.test_n_t or b.test_n_t, "t_min": b.t_min,
                       "seed": self.seed, "device": b.device, "devices": b.devices, "n_samples": b.n_samples,
-                      "sample_steps": b.sample_steps, "progress": False, **self._hyper_at("train")},
+                      "sample_steps": b.sample_steps, "progress": False,
+                      "quality": b.quality.model_dump(mode="json") if b.quality else None, **self._hyper_at("train")},
         }
         return parse_run_config(data, f"trial plan for study {spec.study}")
 

@@ -228,8 +228,17 @@ def train(run: TrialRun, report: Optional[Callable[[int, dict], None]], study: O
     values = [m["val_bpd"]] + ([float(m[spec.objective.second])] if spec.objective.second else [])
     columns = {k: m[k] for k in ("val_bpd", "val_bpd_se", "test_bpd", "best_val_bpd", "prior_kl_per_dim", "steps",
                                  "train_seconds", "n_params")}
+    columns.update(quality_columns(m))
     return Ending(Outcome.COMPLETE, values, columns={**columns, "Q": _json(m["Q"]), "D": _json(m["D"])},
                   record={"test_bpd": m["test_bpd"], "steps": m["steps"]})
+
+
+def quality_columns(metrics: dict) -> dict:
+    """The leaderboard's sample-quality columns from a run's metrics.json (none if not measured)."""
+    if metrics.get("kid") is None:
+        return {}
+    return {"kid": metrics["kid"], "kid_se": metrics.get("kid_se"), "fid": metrics.get("fid"),
+            "quality": _json(metrics.get("quality"))}
 
 
 def end(run: TrialRun, ending: Ending) -> TrialOutcome:

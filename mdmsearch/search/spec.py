@@ -9,7 +9,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ..config import MAX_AUX, DataConfig, ModelConfig
+from ..config import MAX_AUX, DataConfig, ModelConfig, QualityConfig
 from ..errors import ConfigError
 from ..yamlio import line_of, load_text, read_text
 
@@ -117,11 +117,14 @@ class Budget(_Strict):
     threads: int = Field(1, gt=0, description="torch CPU threads per worker")
     devices: int = Field(1, gt=0, description="processes that train one trial together, data parallel (train.devices:"
                                               " one GPU each on CUDA); the same run up to the order of float sums")
+    quality: Optional[QualityConfig] = Field(default_factory=QualityConfig,
+                                             description="sample quality (KID, FID) of every completed trial at a fixed "
+                                                         "NFE (docs/quality.md); null = not measured")
 
 
 class Objective(_Strict):
     metric: Literal["val_bpd"] = "val_bpd"
-    second: Optional[Literal["train_seconds", "n_params"]] = None
+    second: Optional[Literal["train_seconds", "n_params", "kid"]] = None
 
 
 class SamplerSpec(_Strict):
@@ -180,6 +183,12 @@ class SearchSpec(_Strict):
     executor: Literal["local", "ray"] = "local"
     confirm: ConfirmSpec = Field(default_factory=ConfirmSpec)
 
+    @model_validator(mode="after")
+    def _kid_is_measured(self):
+        if self.objective.second == "kid" and self.budget.quality is None:
+            raise ValueError("objective.second: kid needs budget.quality (it is how the KID is measured)")
+        return self
+
     @field_validator("study")
     @classmethod
     def _study_name(cls, v):
@@ -220,6 +229,8 @@ class SearchSpec(_Strict):
                                                        "time_budget_s", "confirm"})
         for where_it_runs in ("device", "threads", "devices"):  # not the space: the same runs up to float order
             keep["budget"].pop(where_it_runs, None)
+        if self.objective.second != "kid":  # a measurement of every trial, not what the search optimizes
+            keep["budget"].pop("quality", None)
         return keep
 
     def spec_hash(self) -> str:

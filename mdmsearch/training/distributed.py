@@ -201,6 +201,9 @@ def init_group(rank: int, world: int, device: torch.device, store: Optional[dist
     environment of torchrun) with the backend of ``device``'s type."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        # NCCL collectives are asynchronous: without a blocking wait, a dead peer makes the
+        # watchdog abort this process at the timeout instead of raising where _collective catches it
+        os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
     dist.init_process_group(BACKENDS[device.type], store=store, rank=rank, world_size=world,
                             timeout=rank_timeout(), **({} if store is not None else {"init_method": "env://"}))
     return Ranks(rank, world, device)

@@ -26,7 +26,8 @@ from ..sampling import ode_log_likelihood, sample
 from .ema import EMA
 from .evaluate import evaluate_bpd, prepare_batch
 
-__all__ = ["RunModel", "reported_weights", "evaluate_model", "ode_evaluate", "draw_samples"]
+__all__ = ["RunModel", "reported_weights", "evaluate_model", "ode_evaluate", "draw_samples", "NFE_PER_STEP",
+           "sample_quality"]
 
 
 class RunModel(Protocol):
@@ -83,3 +84,24 @@ def draw_samples(run: RunModel, n: int, data_shape: tuple[int, ...], *, sampler:
     with reported_weights(run):
         return sample(run.process, run.model, n, tuple(data_shape), sampler=sampler, steps=steps, t_min=t_min,
                       generator=gen, device=run.device)
+
+
+# network evaluations per step of each sampler at its default method (em: one drift; ode: RK4)
+NFE_PER_STEP = {"em": 1, "ode": 4}
+
+
+def sample_quality(run: RunModel, quality, data, *, t_min: float) -> dict:
+    """KID and FID of the reported model's samples against the training split (see
+    :func:`mdmsearch.quality.score_samples`), drawn at a fixed cost: ``quality.nfe`` network
+    evaluations per sample with ``quality.sampler``, from noise seeded with ``quality.seed``.
+    ``quality``: a :class:`~mdmsearch.config.QualityConfig`; ``data``: the run's DataBundle."""
+    from ..quality import score_samples
+    from ..sampling.images import to_pixels
+
+    per_step = NFE_PER_STEP[quality.sampler]
+    steps = max(1, quality.nfe // per_step)
+    x = draw_samples(run, quality.n, data.shape, sampler=quality.sampler, steps=steps, t_min=t_min,
+                     seed=quality.seed)  # model space, [n, C, H, W]
+    pixels = to_pixels(x, data.levels)  # [n, C, H, W] integers in 0..levels-1
+    scores = score_samples(pixels, data, features=quality.features, seed=quality.seed)
+    return {**scores, "sampler": quality.sampler, "nfe": steps * per_step}

@@ -45,7 +45,7 @@ from .checkpoint import UNREADABLE, config_mismatch, load_checkpoint, save_check
 from .distributed import SOLO, Group
 from .ema import EMA
 from .evaluate import prepare_batch
-from .inference import evaluate_model
+from .inference import evaluate_model, sample_quality
 from .progress import StepProgress
 
 log = logging.getLogger(__name__)
@@ -312,7 +312,7 @@ class Trainer:
         Rank 0 decides (and sets a damaged file aside); the other processes then read the same file."""
         resumed = bool(self._on_main(lambda: int(self._resume_from_checkpoint())))
         if resumed and not self.is_main:
-            self.load_state_dict(load_checkpoint(self.out_dir / CHECKPOINT, map_location=self.device))
+            self.load_state_dict(load_checkpoint(self.out_dir / CHECKPOINT, map_location="cpu"))
         return resumed
 
     def _resume_from_checkpoint(self) -> bool:
@@ -320,7 +320,8 @@ class Trainer:
         if not path.exists():
             return False
         try:
-            state = load_checkpoint(path, map_location=self.device)
+            # on the host: the generator states must stay CPU byte tensors; weights move when loaded
+            state = load_checkpoint(path, map_location="cpu")
         except UNREADABLE as exc:  # torn or damaged at rest: start this run again from scratch
             set_aside(path, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             return False
@@ -344,9 +345,11 @@ class Trainer:
         if self.step == 0 and self.is_main:
             log.info("process %s (n=%d, %s), network %d params, dataset %s %s", self.process.name, self.process.n,
                      "learned" if self.process_params else "fixed", self.n_params, self.data.name, self.data.shape)
-        self.group.separate_global_rng(tc.seed, self.step)
         bar = _progress(tc, self.step) if self.is_main else None
         while self.step < tc.steps:
+            # ranks 1.. reseed their global stream (dropout) from (seed, rank, step): a resumed
+            # run draws the masks the uninterrupted one would have
+            self.group.separate_global_rng(tc.seed, self.step)
             t0 = time.perf_counter()
             loss = self.train_step()
             self.train_seconds += time.perf_counter() - t0
@@ -424,9 +427,21 @@ class Trainer:
         artifacts.write_process(self.out_dir, summary, self.step)
         if tc.n_samples > 0:
             metrics["samples"] = self.write_samples(tc.n_samples)
+        if tc.quality is not None and self.data.levels is not None:  # (images only: no features for 2-D points)
+            metrics.update(self._quality())
         artifacts.write_metrics(self.out_dir, metrics)
         log.info("done: val_bpd %.4f test_bpd %.4f (%d steps, %.1fs)", val["bpd"], test["bpd"], self.step, self.train_seconds)
         return metrics
+
+    def _quality(self) -> dict:
+        """metrics.json's sample quality: kid, kid_se, fid and how they were measured (``quality``)."""
+        start = time.perf_counter()
+        q = sample_quality(self, self.config.train.quality, self.data, t_min=self.config.train.t_min)
+        seconds = time.perf_counter() - start
+        log.info("sample quality: KID %.4g +- %.2g, FID %.4g (%d samples, %s at %d NFE, %.1fs)",
+                 q["kid"], q["kid_se"], q["fid"], q["n"], q["sampler"], q["nfe"], seconds)
+        return {"kid": q["kid"], "kid_se": q["kid_se"], "fid": q["fid"],
+                "quality": {k: v for k, v in q.items() if k not in ("kid", "kid_se", "fid")} | {"seconds": seconds}}
 
     def _final_metrics(self, val: dict, test: dict, summary: dict) -> dict:
         """metrics.json of the run: the final val and test BPD, the budget and the learned Q, D."""
