@@ -14,3 +14,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def restore_logging():
+    """The CLI's main() configures logging (handlers, level, captured warnings): put the test
+    process's back afterwards."""
+    import logging
+    import warnings
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    with warnings.catch_warnings():
+        yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    logging.captureWarnings(False)

@@ -31,17 +31,6 @@ def cli(cwd, *args):
                           env=env, timeout=300)
 
 
-@pytest.fixture
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    with warnings.catch_warnings():
-        yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
-
-
 def test_version(tmp_path):
     res = cli(tmp_path, "--version")
     assert res.returncode == 0 and res.stdout.strip() == f"mdmsearch {__version__}"

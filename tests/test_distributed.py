@@ -40,18 +40,6 @@ def _cfg(devices=1, steps=STEPS, **train):
                   "devices": devices, **train}})
 
 
-@pytest.fixture
-def restore_logging():
-    """The CLI's main() configures logging: put the test process's back afterwards."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory):
     """The reference: the run trained by one process."""

@@ -4,7 +4,6 @@ EMA of network and process parameters), in the library functions, in the trainer
 
 import copy
 import json
-import logging
 import math
 
 import pytest
@@ -144,15 +143,6 @@ def trained(tmp_path):
     assert any(not torch.equal(p, s) for p, s in zip(tr.ema.params, tr.ema.shadow))
     return out, tr
 
-
-@pytest.fixture
-def restore_logging():
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
-    logging.captureWarnings(False)
 
 
 def test_the_evaluate_command_reports_the_ema_model(trained, capsys, restore_logging):

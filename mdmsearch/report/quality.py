@@ -9,7 +9,6 @@ import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 
