@@ -37,3 +37,10 @@ class ConfigError(MDMError, ValueError):
 
 class ProcessGroupError(MDMError, RuntimeError):
     """A process of a data-parallel run died or failed, or the processes' weights disagree."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message``, cut to ``limit`` characters (for one-line errors)."""
+    lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
+    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -17,7 +17,7 @@ from mdmsearch.data.base import DataBundle
 from mdmsearch.errors import MDMError
 
 __all__ = ["QualityError", "CACHE_ENV", "cache_dir", "content_hash", "train_hash", "check_image_data",
-           "check_pixels", "one_line"]
+           "check_pixels"]
 
 CACHE_ENV = "MDMSEARCH_CACHE"
 
@@ -34,13 +34,6 @@ def cache_dir() -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "mdmsearch" / "quality"
-
-
-def one_line(exc: BaseException, limit: int = 200) -> str:
-    """``Type: first line of the message``, cut to ``limit`` characters."""
-    lines = [s.strip() for s in str(exc).splitlines() if s.strip()]
-    text = f"{type(exc).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _update(h: "hashlib._Hash", part: Any) -> None:

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from mdmsearch.data.base import DataBundle
 from mdmsearch.io import atomic_write
-from mdmsearch.quality.base import cache_dir, check_image_data, content_hash, one_line, train_hash
+from mdmsearch.errors import one_line
+from mdmsearch.quality.base import cache_dir, check_image_data, content_hash, train_hash
 from mdmsearch.quality.labels import split_labels
 
 __all__ = ["CLASSIFIER_VERSION", "ClassifierSpec", "SmallCNN", "TrainedClassifier", "classifier_key",

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mdmsearch.quality.base import QualityError, cache_dir, one_line
+from mdmsearch.errors import one_line
+from mdmsearch.quality.base import QualityError, cache_dir
 
 __all__ = ["INCEPTION_WEIGHTS_FILE", "INCEPTION_WEIGHTS_URL", "WEIGHTS_ENV", "InceptionFeatures",
            "inception_weights_path", "get_inception"]

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from ..config import RunConfig
 from ..data import DataBundle
 from ..data.cache import load_from_config
-from ..errors import ConfigError, MDMError, ProcessGroupError
+from ..errors import ConfigError, MDMError, ProcessGroupError, one_line
 from .distributed import PeerLost, init_group, leave_group, rank_device, rank_timeout
 from .trainer import Callback, MainFailed, RunProgress, RunResult, Trainer
 
@@ -185,10 +185,10 @@ def _rank_main(job: _Job, rank: int, errors) -> None:
     except (MainFailed, PeerLost, KeyboardInterrupt):  # rank 0 failed first and reports it (or the interrupt)
         code = EXIT_AFTER_MAIN
     except MDMError as exc:  # a decided failure (NaN loss, ...): one line, rank 0 has it too
-        errors.put((rank, _one_line(exc)))
+        errors.put((rank, one_line(exc)))
         code = 1
     except Exception as exc:  # anything else: one line for rank 0's error, the traceback on this rank's stderr
-        errors.put((rank, _one_line(exc)))
+        errors.put((rank, one_line(exc)))
         traceback.print_exc()
         code = 1
     _exit_now(code)
@@ -202,11 +202,6 @@ def _exit_now(code: int) -> None:
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text}"
 
 
 class _Ranks:
