@@ -85,7 +85,8 @@ COLUMNS: dict[str, pa.DataType] = {
 SCHEMA = pa.schema([pa.field(k, v) for k, v in COLUMNS.items()])
 CURVE_SCHEMA = pa.schema([pa.field("trial", pa.int64()), pa.field("step", pa.int64()),
                           pa.field("train_loss", pa.float64()), pa.field("val_bpd", pa.float64()),
-                          pa.field("train_seconds", pa.float64())])
+                          pa.field("train_seconds", pa.float64()), pa.field("kid", pa.float64()),
+                          pa.field("kid_se", pa.float64())])  # (kid: the final evaluation's row only)
 
 
 def _partition(root: Path, dataset: str, study: str) -> Path:

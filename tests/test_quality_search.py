@@ -26,6 +26,8 @@ def test_a_run_scores_its_samples_at_the_stated_cost(tmp_path):
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["kid"] > 0 and metrics["kid_se"] > 0 and metrics["fid"] > 0  # 4 steps: far from the data
     assert metrics["quality"]["nfe"] == 8 and metrics["quality"]["sampler"] == "em" and metrics["quality"]["n"] == 64
+    history = pd.read_csv(tmp_path / "run" / "history.csv")
+    assert history["kid"].iloc[-1] == pytest.approx(metrics["kid"]) and history["kid"].iloc[:-1].isna().all()
     again = tmp_path / "again"  # the same run and seed: the same samples (common random numbers), the same score
     launch.run(cfg, again)
     assert json.loads((again / "metrics.json").read_text())["kid"] == pytest.approx(metrics["kid"], rel=1e-6)
@@ -61,6 +63,9 @@ def test_a_two_objective_search_writes_both_columns_and_the_report_shows_the_fro
     for _, row in complete.iterrows():  # the study was told the KID the row holds
         assert by_trial[row["trial"]][1] == pytest.approx(row["kid"])
         assert json.loads(row["quality"])["nfe"] == QUALITY["nfe"]
+    curves = pd.read_parquet(tmp_path / "studies" / "leaderboard-curves" / "dataset=digits" / "study=pareto")
+    finals = curves.sort_values("step").groupby("trial").tail(1).set_index("trial")["kid"]
+    assert all(finals[t] == pytest.approx(k) for t, k in zip(complete["trial"], complete["kid"]))
 
     from mdmsearch.report.build import build_report
 

@@ -39,7 +39,8 @@ __all__ = ["CONFIG_FILE", "RESIDUAL_STATS_FILE", "HISTORY_FILE", "HISTORY_FIELDS
 CONFIG_FILE = "config.yaml"
 RESIDUAL_STATS_FILE = "residual_stats.json"  # mu, s2 of the Gaussian part (mixed parameterization)
 HISTORY_FILE = "history.csv"
-HISTORY_FIELDS = ("step", "train_loss", "val_bpd", "val_bpd_se", "train_seconds")
+# kid, kid_se: the sample quality, on the final evaluation's row only (train.quality; docs/quality.md)
+HISTORY_FIELDS = ("step", "train_loss", "val_bpd", "val_bpd_se", "train_seconds", "kid", "kid_se")
 PROCESS_FILE = "process.json"
 QD_FILE = "qd.png"
 SAMPLES_FILE = "samples.png"

@@ -429,6 +429,9 @@ class Trainer:
             metrics["samples"] = self.write_samples(tc.n_samples)
         if tc.quality is not None and self.data.levels is not None:  # (images only: no features for 2-D points)
             metrics.update(self._quality())
+            if self.history and self.history[-1].get("step") == self.step:  # the curve ends with the sample quality
+                self.history[-1].update(kid=metrics["kid"], kid_se=metrics["kid_se"])
+                artifacts.write_history(self.out_dir, self.history)
         artifacts.write_metrics(self.out_dir, metrics)
         log.info("done: val_bpd %.4f test_bpd %.4f (%d steps, %.1fs)", val["bpd"], test["bpd"], self.step, self.train_seconds)
         return metrics
