@@ -72,6 +72,16 @@ def _assert_agree(df: pd.DataFrame, study: optuna.Study) -> None:
     assert not [t for t in trials.values() if t.state.name in ("RUNNING", "WAITING")]
 
 
+def _finished_and_agreeing(tmp_path: Path, proc: subprocess.CompletedProcess):
+    """The run ended well with both trials decided, and every row agrees with the study."""
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert counts["finished"] == 2 and counts["failed"] == 0 and counts["running"] == 0
+    study, df = _study(tmp_path), _rows(tmp_path)
+    _assert_agree(df, study)
+    return study, df
+
+
 def _crash_then_rerun(tmp_path: Path, env: dict, boundary: TrialEnd) -> None:
     crashed = _run(tmp_path, {**env, ENV: boundary.value})
     assert crashed.returncode != 0, crashed.stderr[-3000:]
@@ -88,12 +98,7 @@ def _crash_then_rerun(tmp_path: Path, env: dict, boundary: TrialEnd) -> None:
     assert row["state"] == "COMPLETE"
 
     again = _run(tmp_path, env)
-    assert again.returncode == 0, again.stderr[-3000:]
-    counts = json.loads(again.stdout.strip().splitlines()[-1])
-    assert counts["finished"] == 2 and counts["failed"] == 0 and counts["running"] == 0
-    study = _study(tmp_path)
-    df = _rows(tmp_path)
-    _assert_agree(df, study)
+    study, df = _finished_and_agreeing(tmp_path, again)
     after = df.set_index("trial").loc[0]
     # the crashed trial was told from its row, not trained again: its row is the one it wrote
     assert (after["started_at"], after["finished_at"], after["val_bpd"]) == (
@@ -127,12 +132,7 @@ def test_ray_trial_killed_at_each_boundary_of_a_trials_end(tmp_path, boundary):
     env.pop(ENV, None)
     try:
         crashed = _run(tmp_path, {**env, ENV: boundary.value}, "--executor", "ray")
-        assert crashed.returncode == 0, crashed.stderr[-3000:]
-        counts = json.loads(crashed.stdout.strip().splitlines()[-1])
-        assert counts["finished"] == 2 and counts["failed"] == 0 and counts["running"] == 0
-        study = _study(tmp_path)
-        df = _rows(tmp_path)
-        _assert_agree(df, study)
+        study, df = _finished_and_agreeing(tmp_path, crashed)
         assert df["retry_of"].isna().all() and len(study.trials) == 2
         again = _run(tmp_path, env, "--executor", "ray")
         assert again.returncode == 0 and len(_study(tmp_path).trials) == 2, again.stderr[-3000:]
