@@ -39,10 +39,10 @@ from ..errors import MDMError
 from . import adapters
 from .confirm import Step, next_step
 from .confirm import finished as confirm_finished
-from .lifecycle import Deadline, artifact_dir, claim, recover
+from .lifecycle import Deadline, artifact_dir, claim, recover, settle
 from .space import finite_size
 from .spec import SearchSpec
-from .record import StudyKey, study_get
+from .record import StudyKey, TrialRecord, study_get
 from .study import (HeldClaims, count_trials, make_storage, open_study, record_run, stop_reason, storage_url,
                     study_lock, tried_configs)
 
@@ -340,9 +340,6 @@ def _ended_before_start(study: optuna.Study, spec: SearchSpec, number: int, tria
     """For a Tune trial restarted after its worker or node died: why it must not run again (its
     Optuna trial was told meanwhile, or its leaderboard row was written before the death and it
     is told from the row now), else None: it runs, resuming its checkpoint."""
-    from .lifecycle import settle
-    from .record import TrialRecord
-
     rec = TrialRecord.of(adapters.frozen_trial(study, trial_id))
     if rec.state.is_finished():
         return f"trial {number} had already ended ({rec.shown_state}): not run again"

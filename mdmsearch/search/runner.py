@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
-import os
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,7 +30,8 @@ from .spec import SearchSpec
 from .lifecycle import Deadline, artifact_dir, claim, recover, release, tell
 from .record import Outcome, TrialRecord, records, write
 from .space import finite_size
-from .study import Heartbeat, budget_used, count_trials, open_study, record_run, stop_reason, study_lock
+from .study import (Heartbeat, budget_used, count_trials, open_study, record_run, stop_reason, study_lock,
+                    where_running)
 
 log = logging.getLogger(__name__)
 
@@ -138,15 +137,6 @@ def execute_trial(trial, spec: SearchSpec, *, executor: str = "local", study: Op
     run = begin(trial, spec, executor)
     ending = rejected(run, study) or answered(run, study) or train(run, report, study)
     return end(run, ending)
-
-
-def where_running() -> dict:
-    """This process: its host and pid, and its Ray node when it is a Ray worker."""
-    here = {"host": socket.gethostname(), "pid": os.getpid()}
-    ray = sys.modules.get("ray")  # (never imported here: only a Ray worker has it loaded and initialized)
-    if ray is not None and ray.is_initialized():
-        here["ray_node"] = ray.get_runtime_context().get_node_id()
-    return here
 
 
 def begin(trial, spec: SearchSpec, executor: str) -> TrialRun:

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -17,9 +18,11 @@ from typing import Optional
 
 import optuna
 from optuna.trial import TrialState
+from sqlalchemy.exc import SQLAlchemyError
 
 from ..errors import ConfigError
-from . import dimensions
+from ..preflight import connect_args
+from . import adapters, dimensions
 from .plan import baseline_params
 from .record import (KEYS, Outcome, StudyKey, TrialRecord, enqueue, records, study_get, study_set,  # noqa: F401
                      write_by_id)
@@ -48,8 +51,6 @@ def make_storage(url: str):
         if path.exists():
             repair_journal(path, lock)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=lock))
-    from ..preflight import connect_args
-
     # bounded connects (a server gone mid-study is an error, not a hang) and a ping before a
     # pooled connection is reused (a restarted server leaves the pool's connections dead)
     return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": connect_args(url), "pool_pre_ping": True})
@@ -212,6 +213,15 @@ def heartbeat_path(artifact_dir: Path) -> Path:
     return Path(artifact_dir) / "heartbeat.json"
 
 
+def where_running() -> dict:
+    """This process: its host and pid, and its Ray node when it is a Ray worker."""
+    here = {"host": socket.gethostname(), "pid": os.getpid()}
+    ray = sys.modules.get("ray")  # (never imported here: only a Ray worker has it loaded and initialized)
+    if ray is not None and ray.is_initialized():
+        here["ray_node"] = ray.get_runtime_context().get_node_id()
+    return here
+
+
 def beats_in_study(study: Optional[optuna.Study]) -> bool:
     """Whether a running trial of ``study`` beats into its own record in the storage.
 
@@ -220,8 +230,6 @@ def beats_in_study(study: Optional[optuna.Study]) -> bool:
     shared file system.  With a journal file every worker shares that file's file system
     anyway, and a beat per trial every few seconds would grow the journal; the beat is a file
     next to the trial's artifacts."""
-    from . import adapters
-
     local = (optuna.storages.JournalStorage, optuna.storages.InMemoryStorage)  # (in-memory: one process, tests)
     return study is not None and not isinstance(adapters.storage_of(study), local)
 
@@ -240,7 +248,7 @@ class Heartbeat:
         self._thread = threading.Thread(target=self._run, daemon=True, name=f"heartbeat-{trial_number}")
 
     def beat(self) -> None:
-        info = {"pid": os.getpid(), "host": socket.gethostname(), "time": time.time(), "trial": self.trial_number}
+        info = {**where_running(), "time": time.time(), "trial": self.trial_number}
         if self._study is not None:
             write_by_id(self._study, self._trial_id, heartbeat=info)  # RuntimeError once the trial is told
             return
@@ -250,8 +258,6 @@ class Heartbeat:
         os.replace(tmp, self.path)
 
     def _run(self) -> None:
-        from sqlalchemy.exc import SQLAlchemyError
-
         while not self._stop.wait(HEARTBEAT_SECONDS):
             try:
                 self.beat()
@@ -362,8 +368,6 @@ def _beat_file(artifact_dir: Optional[str]):
 def retry_trial(study: optuna.Study, t: TrialRecord, reason: str) -> bool:
     """Fail a RUNNING trial whose worker died and enqueue a retry with the same parameters
     that resumes from its artifact directory's checkpoint.  False if it finished meanwhile."""
-    from . import adapters
-
     write_by_id(study, t.trial_id, failed_reason=reason)
     try:
         adapters.fail_trial(study, t.trial_id)
