@@ -37,6 +37,9 @@ HELDOUT = "heldout"  # read_per_example's default: both SPLITS, validation then 
 TIE = "tie within noise"
 NOT_DECIDED = "not decided"
 ALPHA = 0.05  # two-sided level of the structure verdict's t test
+# A difference of means no larger than this many units in the last place of the BPDs compared is
+# float rounding (means summed in another order), never a verdict.
+ROUNDING_ULPS = 64
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,7 @@ class StructureComparison:
     p_better: float
     paired_by_seed: bool
     n_examples: int
+    rounding: float = 0.0  # float rounding of the means compared (ROUNDING_ULPS ulps of their scale)
 
     @property
     def n_seeds(self) -> int:
@@ -152,10 +156,12 @@ class StructureComparison:
 
     @property
     def verdict(self) -> str:
-        """'better', 'worse', 'tie within noise', or 'not decided (1 seed)'."""
+        """'better', 'worse', 'tie within noise', or 'not decided (1 seed)'.  A difference within
+        float rounding of the BPDs (``rounding``) is a tie whatever the spread: identical run sets,
+        or per-seed differences that are all equal to zero, never decide."""
         if not self.decided:
             return f"{NOT_DECIDED} ({self.n_seeds} seed{'s' if self.n_seeds != 1 else ''})"
-        if not math.isfinite(self.diff) or abs(self.diff) <= self.threshold:
+        if not math.isfinite(self.diff) or abs(self.diff) <= max(self.threshold, self.rounding):
             return TIE
         return "better" if self.diff < 0 else "worse"
 
@@ -196,21 +202,26 @@ def compare_structures(a: dict, b: dict) -> Optional[StructureComparison]:
     ma, mb = run_means(a), run_means(b)
     if not ma or not mb:
         return None
-    va, vb = np.array(list(ma.values())), np.array(list(mb.values()))
+    # seeds sorted and means summed exactly (fsum): the result does not depend on the order
+    # in which the runs were given
+    va = np.array([ma[s] for s in sorted(ma)])
+    vb = np.array([mb[s] for s in sorted(mb)])
     n_examples = int(arrays[0].size)
-    diff = float(va.mean() - vb.mean())
+    diff = math.fsum(va) / va.size - math.fsum(vb) / vb.size
+    rounding = ROUNDING_ULPS * float(np.spacing(max(np.abs(va).max(), np.abs(vb).max())))
     p_better = _p_better(ma, mb)
     same = set(ma) == set(mb) and len(ma) >= 2
     if same:
-        d = np.array([ma[s] - mb[s] for s in sorted(ma)])
+        d = va - vb  # [n_seeds], paired by seed
         se = float(d.std(ddof=1) / math.sqrt(d.size))
-        return StructureComparison(diff, se, float(d.size - 1), len(ma), len(mb), p_better, True, n_examples)
+        return StructureComparison(math.fsum(d) / d.size, se, float(d.size - 1), len(ma), len(mb), p_better, True,
+                                   n_examples, rounding)
     if va.size < 2 or vb.size < 2:
-        return StructureComparison(diff, math.nan, math.nan, va.size, vb.size, p_better, False, n_examples)
+        return StructureComparison(diff, math.nan, math.nan, va.size, vb.size, p_better, False, n_examples, rounding)
     qa, qb = va.var(ddof=1) / va.size, vb.var(ddof=1) / vb.size
     se = math.sqrt(qa + qb)
     df = (qa + qb) ** 2 / (qa ** 2 / (va.size - 1) + qb ** 2 / (vb.size - 1)) if qa + qb > 0 else math.inf
-    return StructureComparison(diff, se, float(df), va.size, vb.size, p_better, False, n_examples)
+    return StructureComparison(diff, se, float(df), va.size, vb.size, p_better, False, n_examples, rounding)
 
 
 def _p_better(ma: dict, mb: dict) -> float:

@@ -147,6 +147,39 @@ def test_a_real_difference_is_detected_paired_by_seed(tmp_path, run_main):
     assert "3 vs 3 seeds, paired by seed; P(A<B) = 0.00" in text and text.splitlines()[-1] == "  verdict (structure): worse"
 
 
+@pytest.mark.parametrize("order", [(0, 1, 2), (2, 0, 1), (1, 2, 0), (2, 1, 0)])
+def test_a_run_set_compared_with_itself_is_a_tie_in_any_order(tmp_path, run_main, order):
+    """Identical run sets (any order, paired: every per-seed difference is exactly 0) and the same
+    runs given as different seeds' copies with a zero-spread shift of rounding size are ties; the
+    means differ only by float rounding, which never decides."""
+    shift = {0: -0.021, 1: 0.013, 2: 0.034}
+    dirs = {s: write_run(tmp_path / f"v{s}", s, bpd(shift[s], 50 + s)) for s in shift}
+    a = ",".join(str(dirs[s]) for s in (0, 1, 2))
+    b = ",".join(str(dirs[s]) for s in order)
+    code, out = run_main(a, b, "--format", "json")
+    s = json.loads(out)["structure"]
+    assert code == 0 and s["verdict"] == TIE and s["diff"] == 0.0 and s["paired_by_seed"]
+    code, text = run_main(b, a)
+    assert text.splitlines()[-1] == f"  verdict (structure): {TIE}"
+
+
+def test_zero_spread_differences_decide_only_beyond_rounding():
+    """Per-seed differences that are all equal (zero spread, SE 0): a rounding-sized difference is a
+    tie, a real constant shift is decided."""
+    from mdmsearch.compare import compare_structures
+
+    base = {s: bpd(0.01 * s, 60 + s) for s in range(3)}
+    tiny = {s: v + 1e-15 for s, v in base.items()}  # a shift of a few ulps of 3 bpd
+    real = {s: v - 0.01 for s, v in base.items()}
+    c = compare_structures(tiny, base)
+    assert c.se == pytest.approx(0.0, abs=1e-15) and c.verdict == TIE
+    assert compare_structures(real, base).verdict == "better"
+    assert compare_structures(base, real).verdict == "worse"
+    # unpaired (the seeds differ), the same runs in another order: the means agree to the bit
+    shifted = {s + 10: base[s] for s in (2, 0, 1)}
+    assert compare_structures(base, shifted).diff == 0.0 and compare_structures(base, shifted).verdict == TIE
+
+
 def test_a_seed_counts_once_per_side(tmp_path, run_main):
     first, again, other = bpd(0.0, 40), bpd(0.5, 41), bpd(0.0, 42)
     d0, d0b, d1 = write_run(tmp_path / "x", 0, first), write_run(tmp_path / "y", 0, again), write_run(tmp_path / "z", 1, other)
