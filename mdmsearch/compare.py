@@ -139,6 +139,7 @@ class StructureComparison:
     paired_by_seed: bool
     n_examples: int
     rounding: float = 0.0  # float rounding of the means compared (ROUNDING_ULPS ulps of their scale)
+    alpha: float = ALPHA  # two-sided level of the verdict (a race's look may test at a smaller one)
 
     @property
     def n_seeds(self) -> int:
@@ -152,7 +153,26 @@ class StructureComparison:
     @property
     def threshold(self) -> float:
         """The margin |diff| must exceed: t_{1 - alpha/2, df} standard errors."""
-        return float(stats.t.ppf(1 - ALPHA / 2, self.df)) * self.se if self.decided else math.nan
+        return self.half_width(self.alpha)
+
+    def half_width(self, alpha: float = ALPHA) -> float:
+        """Half-width of the two-sided 1 - alpha interval: t_{1 - alpha/2, df} * SE (NaN: not decided)."""
+        return float(stats.t.ppf(1 - alpha / 2, self.df)) * self.se if self.decided else math.nan
+
+    def interval(self, alpha: float = ALPHA) -> tuple[float, float]:
+        """The 1 - alpha confidence interval of the margin, diff ± t_{1 - alpha/2, df} SE; with the
+        verdict's own ``alpha`` it excludes 0 exactly when the verdict is better or worse."""
+        h = self.half_width(alpha)
+        return (self.diff - h, self.diff + h)
+
+    def ci_text(self) -> str:
+        """``-0.0031 [-0.0306, +0.0244] bpd`` (the interval at the verdict's level, named when it is
+        not 95%), or ``-0.0031 bpd (no interval: 1 seed)`` when not decided."""
+        if not self.decided:
+            return f"{self.diff:+.4f} bpd (no interval: {self.n_seeds} seed{'s' if self.n_seeds != 1 else ''})"
+        lo, hi = self.interval(self.alpha)
+        level = "" if self.alpha == ALPHA else f" ({100 * (1 - self.alpha):.1f}% CI)"
+        return f"{self.diff:+.4f} [{lo:+.4f}, {hi:+.4f}] bpd{level}"
 
     @property
     def verdict(self) -> str:
@@ -170,14 +190,15 @@ class StructureComparison:
         return f"{self.n_a} vs {self.n_b} seeds, {how}"
 
     def describe(self) -> str:
-        se = f" ± {self.se:.4f}" if self.decided else ""
-        return (f"{self.diff:+.4f}{se} bpd ({self.seeds_text()}; P(A<B) = {self.p_better:.2f}): {self.verdict}")
+        se = f", SE {self.se:.4f}" if self.decided else ""
+        return (f"{self.ci_text()} ({self.seeds_text()}{se}; P(A<B) = {self.p_better:.2f}): {self.verdict}")
 
     def as_dict(self) -> dict:
+        lo, hi = self.interval(self.alpha) if self.decided else (None, None)
         return {"kind": self.kind, "diff": self.diff, "se": self.se if self.decided else None,
                 "df": self.df if self.decided else None, "n_seeds_a": self.n_a, "n_seeds_b": self.n_b,
                 "paired_by_seed": self.paired_by_seed, "p_better": self.p_better, "n_examples": self.n_examples,
-                "verdict": self.verdict}
+                "verdict": self.verdict, "alpha": self.alpha, "ci_low": lo, "ci_high": hi}
 
 
 def run_means(runs: dict) -> dict:

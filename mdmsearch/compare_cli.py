@@ -230,7 +230,8 @@ def text_lines(a: Side, b: Side, split: str, structure, model) -> list[str]:
     s = structure
     se, df = (f"{s.se:.4f} (seed-level)", f"{s.df:.1f}") if s.decided else ("n/a", "n/a")
     pairing = "paired by seed" if s.paired_by_seed else "not paired by seed"
-    lines += [f"structure: {s.diff:+.4f} bpd, SE {se}, df {df}; {s.n_a} vs {s.n_b} seeds, {pairing}; "
+    ci = f" [{s.interval()[0]:+.4f}, {s.interval()[1]:+.4f}] (95% CI)" if s.decided else ""
+    lines += [f"structure: {s.diff:+.4f}{ci} bpd, SE {se}, df {df}; {s.n_a} vs {s.n_b} seeds, {pairing}; "
               f"P(A<B) = {s.p_better:.2f}; {s.n_examples} examples per run", f"  verdict (structure): {s.verdict}"]
     return lines
 

@@ -125,7 +125,10 @@ def test_same_configuration_seed_shift_is_a_tie_over_seeds(tmp_path, run_main):
     assert (s["n_seeds_a"], s["n_seeds_b"]) == (2, 2)
 
     code, text = run_main(f"{dirs[0]},{dirs[1]}", f"{dirs[2]},{dirs[3]}")
-    assert f"structure: {diff:+.4f} bpd, SE {se:.4f} (seed-level), df {df:.1f}; 2 vs 2 seeds, not paired by seed" in text
+    h = stats.t.ppf(0.975, df) * se  # the 95% interval, printed next to the margin
+    assert (f"structure: {diff:+.4f} [{diff - h:+.4f}, {diff + h:+.4f}] (95% CI) bpd, SE {se:.4f} (seed-level), "
+            f"df {df:.1f}; 2 vs 2 seeds, not paired by seed") in text
+    assert s["ci_low"] == pytest.approx(diff - h) and s["ci_high"] == pytest.approx(diff + h)
     assert text.splitlines()[-1] == f"  verdict (structure): {TIE}" and "verdict (model)" not in text
 
 
