@@ -5,6 +5,8 @@
     history.csv           one row per evaluation (rewritten at every checkpoint)
     per_example.parquet   per-example val/test BPD of the final evaluation (paired comparisons)
     process.json, qd.png  the reported (EMA) Q and D, their eigenvalues and structure
+    coupling.json         what the auxiliaries do for the data (effective K and structure, docs/math.md
+                          section 9): at the start, at every evaluation (EMA) and at the end
     samples.png           samples of the reported model (images or 2-D points)
     metrics.json          the final metrics (written last: a finished run has it)
 
@@ -15,6 +17,8 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import logging
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +28,7 @@ import yaml
 from ..compare import PER_EXAMPLE_FILE  # per-example val/test BPD for paired comparisons
 from ..config import RunConfig
 from ..data import DataBundle
+from ..diffusion.coupling import process_coupling
 from ..diffusion.process import LinearMDM
 from ..io import atomic_write_json, atomic_write_text, write_parquet_atomic
 from ..objectives.residual import GaussianStats
@@ -33,8 +38,11 @@ from .ema import EMA
 from .inference import RunModel, draw_samples
 
 __all__ = ["CONFIG_FILE", "RESIDUAL_STATS_FILE", "HISTORY_FILE", "HISTORY_FIELDS", "PER_EXAMPLE_FILE", "PROCESS_FILE",
-           "QD_FILE", "SAMPLES_FILE", "METRICS_FILE", "write_config", "write_residual_stats", "write_history",
-           "write_per_example", "process_summary", "write_process", "write_samples", "write_metrics"]
+           "QD_FILE", "SAMPLES_FILE", "METRICS_FILE", "COUPLING_FILE", "write_config", "write_residual_stats",
+           "write_history", "write_per_example", "process_summary", "write_process", "write_samples", "write_metrics",
+           "start_coupling", "record_coupling", "read_coupling"]
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 RESIDUAL_STATS_FILE = "residual_stats.json"  # mu, s2 of the Gaussian part (mixed parameterization)
@@ -45,6 +53,7 @@ PROCESS_FILE = "process.json"
 QD_FILE = "qd.png"
 SAMPLES_FILE = "samples.png"
 METRICS_FILE = "metrics.json"
+COUPLING_FILE = "coupling.json"
 
 
 def write_config(out_dir: Path, config: RunConfig) -> None:
@@ -86,12 +95,15 @@ def process_summary(process: LinearMDM, ema: EMA) -> dict:
     eig = torch.linalg.eigvals(a)
     return {"name": process.name, "n_aux": process.n_aux, "Q": q.tolist(), "D": d.tolist(),
             "eig_A_real": eig.real.tolist(), "eig_A_imag": eig.imag.tolist(),
-            "structure": process.structure(), "structure_hash": process.structure_hash()}
+            "structure": process.structure(), "structure_hash": process.structure_hash(),
+            "coupling": process_coupling(process, q, d).to_dict()}
 
 
 def write_process(out_dir: Path, summary: dict, step: int) -> None:
     """process.json (the summary) and qd.png (heatmaps of Q and D)."""
     atomic_write_json(out_dir / PROCESS_FILE, summary)
+    _write_coupling(out_dir, {**read_coupling(out_dir), "end": _entry(step, summary["Q"], summary["D"],
+                                                                       summary["coupling"])})
     plot_qd(summary["Q"], summary["D"], out_dir / QD_FILE,
             title=f"{summary['name']} (K={summary['n_aux']}) after {step} steps")
 
@@ -108,3 +120,53 @@ def write_samples(out_dir: Path, run: RunModel, data: DataBundle, n: int, *, ste
 def write_metrics(out_dir: Path, metrics: dict) -> None:
     """metrics.json: the final metrics, the last file a finished run writes."""
     atomic_write_json(out_dir / METRICS_FILE, metrics)
+
+
+# ---------------------------------------------------------------------- coupling.json
+def _entry(step: int, q, d, coupling: dict) -> dict:
+    """One measurement: the step, Q and D (nested lists) and their coupling (``Coupling.to_dict``)."""
+    return {"step": int(step), "Q": q, "D": d, **coupling}
+
+
+def _measure(step: int, process: LinearMDM, ema: Optional[EMA]) -> dict:
+    """The entry of ``process`` now: its EMA Q and D when ``ema`` is given (the reported process;
+    only the process's parameters are swapped, not the network's), else its current ones."""
+    params = list(process.parameters())
+    if ema is not None and params:
+        with ema.applied(only=params):
+            q, d = process.Q.detach().cpu(), process.D.detach().cpu()  # [n, n] float64
+    else:
+        q, d = process.Q.detach().cpu(), process.D.detach().cpu()
+    return _entry(step, q.tolist(), d.tolist(), process_coupling(process, q, d).to_dict())
+
+
+def read_coupling(out_dir: Path) -> dict:
+    """coupling.json as {"start", "history", "end"}: empty parts where the file is missing, or
+    unreadable (set aside in a warning: the next writes start it again)."""
+    path = Path(out_dir) / COUPLING_FILE
+    empty = {"start": None, "history": [], "end": None}
+    if not path.is_file():
+        return empty
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        log.warning("%s unreadable (%s); the coupling history starts again", path, exc)
+        return empty
+    return {**empty, **data} if isinstance(data, dict) else empty
+
+
+def _write_coupling(out_dir: Path, data: dict) -> None:
+    atomic_write_json(Path(out_dir) / COUPLING_FILE, data)
+
+
+def start_coupling(out_dir: Path, process: LinearMDM) -> None:
+    """coupling.json of a run at step 0: the initial process's coupling, no history yet."""
+    _write_coupling(out_dir, {"start": _measure(0, process, None), "history": [], "end": None})
+
+
+def record_coupling(out_dir: Path, step: int, process: LinearMDM, ema: EMA) -> None:
+    """Adds the reported (EMA) process's coupling at an evaluation to coupling.json's history
+    (entries at this step or later, left by a run resumed from an earlier checkpoint, go)."""
+    data = read_coupling(out_dir)
+    history = [h for h in data["history"] if int(h.get("step", -1)) < step]
+    _write_coupling(out_dir, {**data, "history": [*history, _measure(step, process, ema)]})

@@ -31,17 +31,20 @@ class EMA:
             update(shadows, live, None)
 
     @contextmanager
-    def applied(self):
-        """Temporarily swap the EMA values into the live parameters."""
-        backup = [p.detach().clone() for p in self.params]
+    def applied(self, only: list[nn.Parameter] | None = None):
+        """Temporarily swap the EMA values into the live parameters (``only``: into these of
+        them, e.g. the process's few, without copying the network)."""
+        keep = None if only is None else {id(p) for p in only}
+        pairs = [(p, s) for p, s in zip(self.params, self.shadow) if keep is None or id(p) in keep]
+        backup = [p.detach().clone() for p, _ in pairs]
         with torch.no_grad():
-            for p, s in zip(self.params, self.shadow):
+            for p, s in pairs:
                 p.copy_(s)
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, b in zip(self.params, backup):
+                for (p, _), b in zip(pairs, backup):
                     p.copy_(b)
 
     def state_dict(self) -> dict:

@@ -343,6 +343,7 @@ class Trainer:
         if self.residual is not None and self.is_main:
             artifacts.write_residual_stats(self.out_dir, self.residual)
         if self.step == 0 and self.is_main:
+            artifacts.start_coupling(self.out_dir, self.process)  # coupling.json: the initial process
             log.info("process %s (n=%d, %s), network %d params, dataset %s %s", self.process.name, self.process.n,
                      "learned" if self.process_params else "fixed", self.n_params, self.data.name, self.data.shape)
         bar = _progress(tc, self.step) if self.is_main else None
@@ -395,6 +396,7 @@ class Trainer:
                      running_loss if running_loss is not None else float("nan"), res["bpd"])
             self.save()
             artifacts.write_history(self.out_dir, self.history)
+            artifacts.record_coupling(self.out_dir, self.step, self.process, self.ema)  # (EMA Q, D; tiny)
         self._report(self.step, row)
 
     def _replicated(self) -> list[torch.Tensor]:
@@ -457,6 +459,7 @@ class Trainer:
             "val_n_t": tc.test_n_t, "test_n_t": tc.test_n_t,
             "best_val_bpd": min(self.best_val, val["bpd"]), "prior_kl_per_dim": val["prior_kl_per_dim"],
             "Q": summary["Q"], "D": summary["D"], "levels": self.data.levels, "dim": self.data.dim,
+            "coupling": summary["coupling"],  # effective K and structure of the reported process
         }
 
 

@@ -1,0 +1,181 @@
+"""Coupling of the auxiliaries to the data: effective K and structure (docs/math.md, section 9),
+on processes whose answer is known, and coupling.json of a run."""
+
+import json
+import logging
+import math
+
+import pytest
+import torch
+
+from mdmsearch.config import parse_run_config
+from mdmsearch.diffusion import learned, preset
+from mdmsearch.diffusion.coupling import THRESHOLD, coupling, precision, process_coupling, time_grid
+from mdmsearch.diffusion.coupling import _smallest_set  # the set before bridges (checked against the full answer)
+from mdmsearch.training import Trainer
+from mdmsearch.training.artifacts import COUPLING_FILE, read_coupling, record_coupling, start_coupling
+from mdmsearch.training.ema import EMA
+
+DT = torch.float64
+
+
+def test_precision_is_the_vpsde_closed_form():
+    """VPSDE: Phi = e^{-B/2}, Sigma = 1 - e^{-B}, so J = e^{-B} / (1 - e^{-B})."""
+    proc = preset("vpsde")
+    t = time_grid()
+    phi, sigma = proc.transition(t, given="x")
+    big_b = proc.schedule.integral(t)
+    expected = torch.exp(-big_b) / (1 - torch.exp(-big_b))
+    assert torch.allclose(precision(phi[:, :, 0], sigma, [0]), expected, rtol=1e-10)
+
+
+def test_precision_of_a_pair_is_the_gaussian_posterior_precision():
+    """J from (x, v) equals 1 / Var(x0 | z_t) - 0 for a flat prior: checked against the explicit
+    2 x 2 inverse for CLD, and it is at least what x alone gives (seeing more never loses)."""
+    proc = preset("cld")
+    phi, sigma = proc.transition(time_grid(n_t=8), given="x")
+    f = phi[:, :, 0]  # [N, 2]
+    det = sigma[:, 0, 0] * sigma[:, 1, 1] - sigma[:, 0, 1] ** 2
+    explicit = (f[:, 0] ** 2 * sigma[:, 1, 1] - 2 * f[:, 0] * f[:, 1] * sigma[:, 0, 1] + f[:, 1] ** 2 * sigma[:, 0, 0]) / det
+    both = precision(f, sigma, [0, 1])
+    assert torch.allclose(both, explicit, rtol=1e-8)
+    assert bool((both >= precision(f, sigma, [0]) * (1 - 1e-12)).all())
+
+
+def test_shares_are_read_off_the_process_kernel():
+    """``coupling`` builds the kernel given x from (Q, D, S_inf, gamma, B(t)) itself: its share is
+    mean_t 1 - J_x / J_all of the process's own transition (S_inf and gamma not the defaults)."""
+    proc = learned(2, init_noise=0.4, seed=2, gamma=0.04, s_x2=1.5, s_v2=0.7)
+    t = time_grid()
+    phi, sigma = proc.transition(t, given="x")
+    f, sigma = phi[:, :, 0].detach(), sigma.detach()
+    expected = float((1 - precision(f, sigma, [0]) / precision(f, sigma, [0, 1, 2])).mean())
+    assert math.isclose(process_coupling(proc).share, expected, rel_tol=1e-9)
+
+
+@pytest.mark.parametrize("name,k", [("cld", 1), ("alda", 2), ("malda", 2)])
+def test_named_coupled_processes_keep_every_auxiliary(name, k):
+    c = process_coupling(preset(name))
+    assert c.n_aux == k and c.n_eff == k and not c.collapsed
+    assert c.share > 0.3  # CLD 0.51, ALDA 0.90, MALDA 0.61 of the precision about x0 needs the auxiliaries
+    assert all(u > THRESHOLD for u in c.unique)
+
+
+def test_named_patterns_of_cld_and_vpsde():
+    c = process_coupling(preset("cld"))
+    assert (c.q_pattern, c.d_pattern, c.label) == ("chain", "last", "K=1 Q:chain D:last")
+    v = process_coupling(preset("vpsde"))
+    assert (v.n_aux, v.n_eff, v.share, v.collapsed) == (0, 0, 0.0, False)
+    assert v.label == "K=0 (x alone, D_xx=0.5)"
+
+
+@pytest.mark.parametrize("d_param,d_mask", [("diag", "diag"), ("full", [[1, 0, 0], [0, 1, 0], [0, 1, 1]])])
+def test_auxiliaries_masked_off_from_x_have_effective_k_0(d_param, d_mask):
+    """Q free only between the auxiliaries, D without x-aux entries: Phi and Sigma are block
+    diagonal, so the auxiliaries hold exactly nothing about x0, whatever their values."""
+    proc = learned(2, q_mask=[[0, 0, 0], [0, 0, 1], [0, 1, 0]], d_mask=d_mask, d_param=d_param, init_noise=0.5, seed=3)
+    c = process_coupling(proc)
+    assert c.share == 0.0 and c.unique == (0.0, 0.0)
+    assert c.n_eff == 0 and c.collapsed and c.label.startswith("K=0 (x alone")
+
+
+def test_an_auxiliary_reached_only_through_another_matters():
+    """x - v1 - v2 (Q chain), noise only on v2: v2 reaches x through v1 alone, and it counts."""
+    proc = learned(2, q_mask="chain", d_mask="last", d_param="full")
+    c = process_coupling(proc)
+    assert c.unique[1] > THRESHOLD and c.effective == (1, 2)
+
+
+def test_bridges_join_the_effective_set():
+    """K = 3 chain with a weak x - v1 link (0.15): seeing v1 and v3 is enough (their information
+    came through v2), but v2 carries it, so the effective set is all three."""
+    proc = learned(3, "chain", "diag", d_param="diag", q_init=-1.0, d_init=0.7)
+    with torch.no_grad():
+        proc.q_module.u[0, 1] = 0.15
+    c = process_coupling(proc)
+    phi, sigma = proc.transition(time_grid(), given="x")
+    f = phi[:, :, 0].detach()
+    j_all = precision(f, sigma.detach(), [0, 1, 2, 3])
+    assert _smallest_set(j_all, f, sigma.detach(), 3, THRESHOLD) == (1, 3)
+    assert c.effective == (1, 2, 3) and c.q_pattern == "chain"
+
+
+def test_a_weak_x_link_collapses_and_a_strong_one_does_not():
+    """The issue's case: K = 3, Q chain, D diag with |Q_x,v1| = 0.008 reads as K = 0 (x alone);
+    with the initial |Q_x,v1| = 1 all three auxiliaries count."""
+    shares = {}
+    for q_xv in (1.0, 0.008):
+        proc = learned(3, "chain", "diag", d_param="diag", q_init=-1.0, d_init=0.7)
+        with torch.no_grad():
+            proc.q_module.u[0, 1] = q_xv
+        shares[q_xv] = process_coupling(proc)
+    assert shares[1.0].n_eff == 3 and not shares[1.0].collapsed
+    assert shares[0.008].n_eff == 0 and shares[0.008].collapsed and shares[0.008].share < 1e-3
+
+
+def test_coupling_is_relative_to_the_process_scale():
+    """Q, D times c with B(t) / c is the same kernel: the same shares and the same structure."""
+    proc = learned(2, init_noise=0.6, seed=5)
+    q, d = proc.Q.detach(), proc.D.detach()
+    big_b = proc.schedule.integral(time_grid())
+    base = coupling(q, d, big_b=big_b)
+    scaled = coupling(4.0 * q, 4.0 * d, big_b=big_b / 4.0)
+    assert math.isclose(base.share, scaled.share, rel_tol=1e-8)
+    assert base.effective == scaled.effective and base.label.split(" D_xx")[0] == scaled.label.split(" D_xx")[0]
+
+
+def _trained(tmp_path, steps=30):
+    cfg = parse_run_config({
+        "process": {"name": "learned", "n_aux": 1},
+        "data": {"name": "gaussian"},
+        "model": {"size": "tiny"},
+        "optim": {"batch_size": 64, "lr": 3e-3, "process_lr": 0.01},
+        "train": {"steps": steps, "eval_every": 10, "eval_examples": 128, "n_samples": 0, "progress": False,
+                  "test_n_t": 2, "eval_n_t": 2},
+    })
+    tr = Trainer(cfg, tmp_path)
+    return tr, tr.fit()
+
+
+def test_a_trained_process_zeroed_by_hand_reads_as_collapsed(tmp_path):
+    """A trained learned K = 1 process is coupled; with its x-aux entries of Q and of D's factor
+    zeroed by hand it is x alone (effective K = 0).  The run's coupling.json has the start, one
+    entry per evaluation and the end, which is what metrics.json reports."""
+    tr, metrics = _trained(tmp_path)
+    assert metrics["coupling"]["n_eff"] == 1 and not metrics["coupling"]["collapsed"]
+    data = json.loads((tmp_path / COUPLING_FILE).read_text())
+    assert data["start"]["step"] == 0 and data["start"]["Q"][0][1] == -1.0  # q_init
+    assert [h["step"] for h in data["history"]] == [10, 20, 30]
+    assert data["end"]["label"] == metrics["coupling"]["label"] and data["end"]["Q"] == metrics["Q"]
+    with torch.no_grad():
+        tr.process.q_module.u[0, 1] = 0.0
+        tr.process.d_module.l[1, 0] = 0.0  # D = L L^T: no x-v entry
+    c = process_coupling(tr.process)
+    assert c.share == 0.0 and c.n_eff == 0 and c.collapsed
+
+
+def test_record_coupling_replaces_later_steps_and_survives_a_damaged_file(tmp_path, caplog):
+    proc = learned(1)
+    ema = EMA(list(proc.parameters()), 0.9)
+    start_coupling(tmp_path, proc)
+    for step in (10, 20, 30):
+        record_coupling(tmp_path, step, proc, ema)
+    record_coupling(tmp_path, 20, proc, ema)  # a run resumed from step 10 evaluates at 20 again
+    data = read_coupling(tmp_path)
+    assert [h["step"] for h in data["history"]] == [10, 20] and data["start"]["step"] == 0
+    (tmp_path / COUPLING_FILE).write_text("{torn")
+    with caplog.at_level(logging.WARNING):
+        assert read_coupling(tmp_path) == {"start": None, "history": [], "end": None}
+    assert "unreadable" in caplog.text
+
+
+def test_record_coupling_measures_the_ema_process(tmp_path):
+    """The history is of the reported (EMA) Q, not the live one."""
+    proc = learned(1)
+    ema = EMA(list(proc.parameters()), 0.9)  # shadow: the initial U = -1
+    with torch.no_grad():
+        proc.q_module.u[0, 1] = 0.0  # live Q: x alone
+    record_coupling(tmp_path, 5, proc, ema)
+    entry = read_coupling(tmp_path)["history"][0]
+    assert entry["Q"][0][1] == -1.0 and entry["n_eff"] == 1
+    assert float(proc.q_module.u.detach()[0, 1]) == 0.0  # the live value is back
