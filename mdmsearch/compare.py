@@ -20,6 +20,7 @@ counts once.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -122,6 +123,13 @@ def distinct_seeds(df, order_by: str = "trial"):
 
 
 # ---------------------------------------------------------------------- structure comparisons
+@functools.lru_cache(maxsize=4096)
+def t_quantile(q: float, df: float) -> float:
+    """The t distribution's q quantile with df degrees of freedom (cached: a simulated race asks
+    the same few quantiles millions of times)."""
+    return float(stats.t.ppf(q, df))
+
+
 @dataclass(frozen=True)
 class StructureComparison:
     """A structure comparison: configuration A minus configuration B, mean held-out BPD over
@@ -157,7 +165,7 @@ class StructureComparison:
 
     def half_width(self, alpha: float = ALPHA) -> float:
         """Half-width of the two-sided 1 - alpha interval: t_{1 - alpha/2, df} * SE (NaN: not decided)."""
-        return float(stats.t.ppf(1 - alpha / 2, self.df)) * self.se if self.decided else math.nan
+        return t_quantile(1 - alpha / 2, self.df) * self.se if self.decided else math.nan
 
     def interval(self, alpha: float = ALPHA) -> tuple[float, float]:
         """The 1 - alpha confidence interval of the margin, diff ± t_{1 - alpha/2, df} SE; with the

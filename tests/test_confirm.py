@@ -89,7 +89,7 @@ def _learned_better_on_val_worse_on_test(plan):
 
 
 def test_the_confirmation_races_fresh_seeds_and_reports_a_selection_free_margin(tmp_path):
-    spec = _spec(tmp_path)
+    spec = _spec(tmp_path, seeds=4)
     study = _study(spec)
     rng = np.random.default_rng(1)
     _search(study, spec, _learned_better_on_val_worse_on_test, rng)
@@ -102,22 +102,26 @@ def test_the_confirmation_races_fresh_seeds_and_reports_a_selection_free_margin(
     assert [c["role"] for c in plan["candidates"]].count("challenger") <= 1
     confirmations = [t for t in study.trials if t.user_attrs.get(CONFIRM_ATTR)]
     seeds = {t.user_attrs[CONFIRM_ATTR]["seed"] for t in confirmations}
-    # decided after min_seeds rounds: the incumbent is clearly better than VPSDE on validation
-    assert seeds == {1000, 1001}
+    # the incumbent is far better than VPSDE on validation: decided at the interim look of round 3
+    # (p < 0.001; round 2's look, at df = 1, needs t > 636), before the last look (round 4)
+    assert seeds == {1000, 1001, 1002}
     for t in confirmations:  # ordinary trials of the study: the plan trained the fresh seed, finer evaluation
         assert "seed" not in t.params
         assert t.user_attrs["config_group"] == t.user_attrs[CONFIRM_ATTR]["group"]  # one configuration
         plan_t = suggest_plan(t, spec, baseline=t.user_attrs.get("baseline"), **plan_overrides(spec, TrialRecord.of(t)))
-        assert plan_t.run_config(spec).train.test_n_t == 64 and plan_t.run_config(spec).train.seed in (1000, 1001)
+        assert plan_t.run_config(spec).train.test_n_t == 64 and plan_t.run_config(spec).train.seed in seeds
     # not counted toward n_trials, and the search would not start new trials
     counts = count_trials(study)
     assert counts["confirmation"] == len(confirmations) and budget_used(counts) == spec.n_trials
     res = study.user_attrs[RESULT_ATTR]
-    assert res["done"] and res["fresh_seeds"] == [1000, 1001] and res["winner"]["role"] == "incumbent"
-    assert res["vs_baseline_val"]["verdict"] == "better" and res["vs_baseline_val"]["n_seeds_a"] == 2
+    assert res["done"] and res["fresh_seeds"] == [1000, 1001, 1002] and res["winner"]["role"] == "incumbent"
+    assert res["vs_baseline_val"]["verdict"] == "better" and res["vs_baseline_val"]["n_seeds_a"] == 3
+    # the reported (test) verdict is tested at the last look's level, 0.04 - 2 interim looks x 0.001
+    assert res["decided_at_round"] == 3 and res["level"] == pytest.approx(0.038) and res["horizons"] == [4]
+    assert res["vs_baseline_val"]["alpha"] == pytest.approx(0.001)  # the look's level, not 5%
     # the reported margin is the fresh seeds' test split (here the opposite of validation)
     assert res["vs_baseline"]["diff"] > 0.05 and res["vs_baseline"]["verdict"] == "worse"
-    assert "fresh seeds [1000, 1001] (test split)" in confirm.describe(res)
+    assert "fresh seeds [1000, 1001, 1002]" in confirm.describe(res)
     assert next_step(study, spec) is Step.DONE  # resuming: nothing more
 
 
@@ -131,7 +135,9 @@ def test_decisions_never_read_the_test_split(tmp_path, monkeypatch):
     _search(study, spec, _learned_better_on_val_worse_on_test, rng)
     reads = []
     real = compare.read_per_example
-    monkeypatch.setattr(compare, "read_per_example", lambda run, split="heldout": reads.append(split) or real(run, split))
+    spy = lambda run, split="heldout": reads.append(split) or real(run, split)  # noqa: E731
+    monkeypatch.setattr(compare, "read_per_example", spy)
+    monkeypatch.setattr(confirm, "read_per_example", spy)
     monkeypatch.setattr(confirm, "result", lambda plan, study, spec: {"winner": None})  # (reporting may read test)
     _confirm_all(study, spec, _learned_better_on_val_worse_on_test, rng)
     assert reads and set(reads) == {"val"}
@@ -139,7 +145,8 @@ def test_decisions_never_read_the_test_split(tmp_path, monkeypatch):
 
 def test_a_tie_runs_to_the_seed_limit_and_a_worse_challenger_drops_out(tmp_path):
     """Incumbent and baseline equal: not decided, so all `seeds` rounds run; a challenger far
-    worse than the incumbent on validation is dropped after min_seeds rounds."""
+    worse than the incumbent on validation is dropped at the first look that can decide it
+    (round 3: at round 2, df = 1, an interim look needs t > 636) and is never trained again."""
     def quality(plan):
         if plan.baseline:
             return (0.0, 0.0) if plan.baseline == "vpsde" else (0.3, 0.3)
@@ -160,7 +167,7 @@ def test_a_tie_runs_to_the_seed_limit_and_a_worse_challenger_drops_out(tmp_path)
     assert sorted(rounds["incumbent:" + inc["group"]]) == [1, 2, 3, 4]  # a tie: every round
     for c in plan["candidates"]:
         if c["role"] == "challenger":
-            assert sorted(rounds["challenger:" + c["group"]]) == [1, 2]  # decided worse: dropped
+            assert sorted(rounds["challenger:" + c["group"]]) == [1, 2, 3]  # decided worse: dropped
     res = study.user_attrs[RESULT_ATTR]
     assert res["vs_baseline_val"]["verdict"] == "tie within noise" and res["fresh_seeds"] == [1000, 1001, 1002, 1003]
 

@@ -11,12 +11,11 @@ frozen (:func:`select`, stored on the study):
 Then rounds: round r trains every candidate still racing on the fresh seed
 ``seed_start + r - 1``, as ordinary trials of the same study (claimed, resumed, recovered and
 run by any executor; deduplicated by configuration and seed; not counted toward ``n_trials``).
-After each round (from ``min_seeds`` on), on the **validation split of the fresh seeds only**:
-a challenger decided worse than the incumbent drops out, and the confirmation ends once the
-incumbent's structure verdict against the baseline is decided and no challenger is left
-undecided, or after ``confirm.seeds`` rounds.  The winner is the incumbent, unless a challenger
-was decided better than it.  The margin reported for the winner (:func:`result`) comes from
-the fresh seeds alone, which took no part in selecting it, on the test split.
+What is trained next and when the race ends is :func:`race.replay` of the validation results
+so far (the pure race, simulated by the tests): looks at an alpha-spending schedule, decided
+verdicts and dropped challengers final, a challenger that beats the incumbent confirmed again
+on seeds that did not pick it.  The winner's reported margin (:func:`result`) is the test split
+of its selection-free seeds at the level of the look that ended the race, with its interval.
 The test split steers nothing: selection and decisions read validation values only.
 """
 
@@ -30,9 +29,10 @@ from typing import Optional
 import optuna
 from optuna.trial import TrialState
 
-from ..compare import TIE, compare_structures, read_runs
+from ..compare import compare_structures, read_per_example, read_runs
 from ..errors import MDMError
 from .plan import suggest_plan
+from .race import Race, replay, reported
 from .spec import SearchSpec
 from .record import Confirmation, Outcome, StudyKey, TrialRecord, enqueue, records, study_get, study_set
 
@@ -93,7 +93,19 @@ def select(study: optuna.Study, spec: SearchSpec) -> Optional[dict]:
 
     cands = [candidate("incumbent", *searched[0]), candidate("baseline", *baselines[0])]
     cands += [candidate("challenger", g, ts) for g, ts in searched[1:spec.confirm.top_k]]
-    return {"candidates": cands}
+    return {"candidates": cands, "horizons": [spec.confirm.seeds]}
+
+
+def horizons(plan: dict, spec: SearchSpec) -> list[int]:
+    """Margin seeds per segment of the race: its own ``confirm.seeds``, then one per reopening
+    with more seeds (plans stored before segments were kept: the spec's seeds)."""
+    return list(plan.get("horizons") or [spec.confirm.seeds])
+
+
+def with_horizon(plan: dict, seeds: int) -> dict:
+    """The plan reopened for ``seeds`` margin seeds: a new segment when that is more than the last."""
+    have = list(plan.get("horizons") or [seeds])
+    return {**plan, "horizons": have + [seeds] if seeds > have[-1] else have}
 
 
 def fresh_runs(study: optuna.Study) -> dict[str, list[tuple[int, str]]]:
@@ -117,20 +129,23 @@ def standings(plan: dict, study: optuna.Study, split: str) -> dict:
     return {"vs_baseline": compare_structures(inc, base), "challengers": challengers}
 
 
-def _active(plan: dict, done: dict) -> list[dict]:
-    """Candidates still racing: every one but the challengers decided worse than the incumbent."""
-    return [c for c in plan["candidates"]
-            if c["role"] != "challenger" or not (done["challengers"].get(c["group"])
-                                                  and done["challengers"][c["group"]].verdict == "worse")]
+def fresh_values(study: optuna.Study, split: str) -> dict[str, dict[int, object]]:
+    """{config group: {round: per-example BPDs of ``split``}} of the completed confirmation
+    trials (the first trial of a group and round counts)."""
+    out: dict[str, dict] = {}
+    for t in records(study, states=(TrialState.COMPLETE,)):
+        if t.confirm and t.outcome == Outcome.COMPLETE and t.artifact_dir:
+            rounds = out.setdefault(t.confirm.group, {})
+            if t.confirm.round not in rounds:
+                rounds[t.confirm.round] = read_per_example(t.artifact_dir, split=split)
+    return out
 
 
-def _settled(plan: dict, done: dict) -> bool:
-    """The incumbent's verdict against the baseline is decided (better or worse), and every
-    challenger is decided either way."""
-    vs = done["vs_baseline"]
-    if vs is None or not vs.decided or vs.verdict == TIE:
-        return False
-    return all(c is not None and c.decided and c.verdict != TIE for c in done["challengers"].values())
+def race(plan: dict, study: optuna.Study, spec: SearchSpec, split: str = DECISION_SPLIT) -> tuple[Race, int]:
+    """(the race replayed on the confirmation trials' ``split``, rounds played so far)."""
+    rounds = max((t.confirm.round for t in records(study) if t.confirm), default=0)
+    return replay(plan["candidates"], fresh_values(study, split), horizons(plan, spec), spec.confirm.min_seeds,
+                  rounds), rounds
 
 
 def finished(study: optuna.Study, spec: SearchSpec) -> bool:
@@ -156,12 +171,12 @@ def next_step(study: optuna.Study, spec: SearchSpec) -> Step:
         return Step.CLAIM
     if any(t.state == TrialState.RUNNING for t in mine):
         return Step.WAIT
-    rounds = max((t.confirm.round for t in mine), default=0)
-    done = standings(plan, study, DECISION_SPLIT)
-    if rounds >= spec.confirm.seeds or (rounds >= spec.confirm.min_seeds and _settled(plan, done)):
+    state, rounds = race(plan, study, spec)
+    if state.done:
         _finish(study, spec, plan, None, rounds)
         return Step.DONE
-    _enqueue_round(study, spec, _active(plan, done), rounds + 1, mine)
+    by_group = {c["group"]: c for c in plan["candidates"]}
+    _enqueue_round(study, spec, [by_group[g] for g in state.train], state.next_round, mine)
     return Step.CLAIM
 
 
@@ -186,23 +201,28 @@ def _finish(study: optuna.Study, spec: SearchSpec, plan: Optional[dict], why: Op
 
 
 def result(plan: dict, study: optuna.Study, spec: SearchSpec) -> dict:
-    """The winner, the fresh seeds behind it, and its selection-free margin to the baseline
-    (the test split of the fresh seeds); the decisions' validation comparisons beside it."""
-    val = standings(plan, study, DECISION_SPLIT)
+    """The winner, the seeds behind its margin, and its selection-free margin to the baseline:
+    the test split of the seeds that did not pick it, at the level of the look that ended the
+    race (``vs_baseline``, with its interval); the decisions' validation comparisons beside it.
+    Keys added to the original ones: ``level``, ``decided_at_round``, ``switched_at_round``,
+    ``horizons``, ``looks`` and ``challenger_status`` (better, worse, tie or stopped)."""
+    state, _ = race(plan, study, spec)
     by_group = {c["group"]: c for c in plan["candidates"]}
-    winner = next(c for c in plan["candidates"] if c["role"] == "incumbent")
-    better = [g for g, c in val["challengers"].items() if c is not None and c.verdict == "better"]
-    if better:  # decided better than the incumbent on fresh seeds: the lowest of those
-        winner = by_group[min(better, key=lambda g: val["challengers"][g].diff)]
-    baseline = next(c for c in plan["candidates"] if c["role"] == "baseline")
-    runs = {g: read_runs(m, split=REPORT_SPLIT) for g, m in fresh_runs(study).items()}
-    margin = compare_structures(runs.get(winner["group"], {}), runs.get(baseline["group"], {}))
-    seeds = sorted({s for s, _ in fresh_runs(study).get(winner["group"], [])})
+    winner, baseline = by_group[state.winner], next(c for c in plan["candidates"] if c["role"] == "baseline")
+    margin = reported(state, fresh_values(study, REPORT_SPLIT), baseline["group"])
+    seed_of = {t.confirm.round: t.confirm.seed for t in records(study) if t.confirm}
+    challengers = [c["group"] for c in plan["candidates"] if c["role"] == "challenger"]
+    told = {g: state.challengers.get(g, {"comparison": None, "status": None}) for g in challengers}
     return {"winner": {k: winner[k] for k in ("group", "role", "label", "search_trials")},
-            "baseline": {k: baseline[k] for k in ("group", "label")}, "fresh_seeds": seeds,
+            "baseline": {k: baseline[k] for k in ("group", "label")},
+            "fresh_seeds": sorted(seed_of[r] for r in state.margin_rounds if r in seed_of),
             "vs_baseline": margin.as_dict() if margin else None,
-            "vs_baseline_val": val["vs_baseline"].as_dict() if val["vs_baseline"] else None,
-            "challengers": {by_group[g]["label"]: (c.as_dict() if c else None) for g, c in val["challengers"].items()}}
+            "vs_baseline_val": state.decision.as_dict() if state.decision else None,
+            "challengers": {by_group[g]["label"]: (c["comparison"].as_dict() if c["comparison"] else None)
+                            for g, c in told.items()},
+            "challenger_status": {by_group[g]["label"]: c["status"] for g, c in told.items()},
+            "level": state.level, "decided_at_round": state.decided_at, "switched_at_round": state.switched_at,
+            "horizons": horizons(plan, spec), "looks": state.looks}
 
 
 def describe(info: dict) -> str:
@@ -240,7 +260,7 @@ def prepare(spec: SearchSpec, study: optuna.Study, *, top_k: int, seeds: int,
         if study_get(study, StudyKey.CONFIRM_PLAN) and challengers != top_k - 1:
             log.warning("the %d candidates an earlier confirmation chose are kept (--top %d does not change them)",
                         len(plan["candidates"]), top_k)
-        study_set(study, StudyKey.CONFIRM_PLAN, plan)
+        study_set(study, StudyKey.CONFIRM_PLAN, with_horizon(plan, seeds))
         _reopen(study)
         return spec.model_copy(update={"confirm": conf, "n_trials": max(1, budget_used(count_trials(study)))})
     budget = spec.budget.model_copy(update={"steps": steps, "eval_every": min(spec.budget.eval_every, steps)})
@@ -251,7 +271,8 @@ def prepare(spec: SearchSpec, study: optuna.Study, *, top_k: int, seeds: int,
     if not study_get(dstudy, StudyKey.CONFIRM_PLAN):
         moved = [{**c, "group": suggest_plan(optuna.trial.FixedTrial(dict(c["params"])), derived, baseline=c["baseline"])
                   .config_hash(derived, with_seed=False)} for c in plan["candidates"]]
-        study_set(dstudy, StudyKey.CONFIRM_PLAN, {"candidates": moved, "from_study": spec.study})
+        study_set(dstudy, StudyKey.CONFIRM_PLAN, {"candidates": moved, "from_study": spec.study, "horizons": [seeds]})
+    study_set(dstudy, StudyKey.CONFIRM_PLAN, with_horizon(study_get(dstudy, StudyKey.CONFIRM_PLAN), seeds))
     _reopen(dstudy)
     return derived
 
