@@ -119,7 +119,9 @@ def _load_trainer(run_dir: str):
     config = parse_run_config(upgrade_saved_config(state["config"]), str(path))
     config.train.progress = False
     trainer = Trainer(config, run_dir)
-    trainer.load_state_dict(load_checkpoint(path, map_location=trainer.device))
+    # the state loaded on the host (generator states must stay CPU byte tensors; weights move as they
+    # load); the model alone: evaluation and sampling use none of training's generators or optimizer
+    trainer.load_state_dict(state, training=False)
     return trainer
 
 

@@ -8,10 +8,14 @@ along the variable axis, identically on every coordinate (math note, section 1).
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Iterator, Optional
 
 import torch
 
-__all__ = ["apply_matrix", "batch_view", "expm", "inv_lower", "phi_and_noise_cov", "sum_except_batch"]
+__all__ = ["apply_matrix", "batch_view", "expm", "inv_lower", "phi_and_noise_cov", "sum_except_batch", "HostPlan",
+           "host_plan", "planned", "squarings_for", "van_loan_norm"]
 
 
 def apply_matrix(mat: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -73,7 +77,7 @@ def _taylor(xs: torch.Tensor) -> torch.Tensor:
     x4 = torch.bmm(x2, x2)
     powers = torch.stack([eye, xs, x2, torch.bmm(x2, xs), x4])  # [s, N, m, m]
     x5 = torch.bmm(x4, xs)
-    coef = torch.tensor(_PS_COEF, dtype=xs.dtype, device=xs.device)  # [blocks, s]
+    coef = _constant("ps_coef", xs.dtype, xs.device)  # [blocks, s]
     blocks = torch.tensordot(coef, powers, dims=1)  # [blocks, N, m, m]
     out = blocks[-1]
     for j in range(_PS_BLOCKS - 2, -1, -1):
@@ -101,15 +105,101 @@ def _van_loan_block(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.cat([a, 2.0 * d], dim=1), torch.cat([torch.zeros_like(a), -a.T], dim=1)], dim=0)
 
 
+def van_loan_norm(a: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """||M||_1 (largest column sum) of the Van Loan block of (A, D): what the squaring count scales."""
+    return _van_loan_block(a, d).abs().sum(dim=0).max()
+
+
+def _needed_squarings(block: torch.Tensor, big_b: torch.Tensor) -> torch.Tensor:
+    """The squaring count the batch needs, on the device (int64 scalar): max B x ||M||_1."""
+    return _squarings(big_b.detach().abs().max() * block.detach().abs().sum(dim=0).max())
+
+
 def _noise_cov_squarings(block: torch.Tensor, big_b: torch.Tensor) -> int:
     """One squaring count for the batch, set by its largest B: smaller steps only make the Taylor
-    core more accurate, and a shared count needs no per-element select in the doubling loop."""
-    return int(_squarings(big_b.detach().abs().max() * block.detach().abs().sum(dim=0).max())) if big_b.numel() else 0
+    core more accurate, and a shared count needs no per-element select in the doubling loop.
+    Under a :class:`HostPlan` (a training step on an accelerator) the count comes from the plan's
+    host-side bounds instead of a read of the device."""
+    if not big_b.numel():
+        return 0
+    plan = _PLAN.get()
+    if plan is not None:
+        return plan.squarings(block, big_b)
+    return int(_needed_squarings(block, big_b))
 
 
-# exponents k = 5 j + i of the degree-24 core, and 1 / k!
-_K = torch.arange(_PS_BLOCK * _PS_BLOCKS, dtype=torch.float64)
-_INV_FACT = torch.tensor([1.0 / math.factorial(k) for k in range(_PS_BLOCK * _PS_BLOCKS)], dtype=torch.float64)
+# ---------------------------------------------------------------------- host-side plans
+def squarings_for(norm_times_b: float) -> int:
+    """The squaring count of :func:`_squarings` for a host number ||M||_1 x B (>= 0)."""
+    return max(0, math.ceil(math.log2(max(norm_times_b, 1e-300) / _THETA)))
+
+
+class HostPlan:
+    """Host-side stand-ins for the values a training step would otherwise read from the device.
+
+    On CUDA every ``int(tensor)`` or ``bool(tensor)`` waits for the GPU to finish all queued
+    work, so the CPU stops queueing the next kernels: small networks then run at the speed of
+    launches plus round trips.  Inside :func:`planned`, the squaring count of
+    :func:`phi_and_noise_cov` is computed from ``block_norm`` (an upper bound on the Van Loan
+    block's 1-norm ||M||_1) times ``max_b`` (an upper bound on B(t) over the batch), and the
+    checks that would have read the device (the count really needed, a failed Cholesky) are
+    kept as device flags in :attr:`flags`, read later with the loss (one transfer).
+
+    More squarings than needed only shrink the Taylor core's step (every doubling adds PSD terms,
+    :func:`phi_and_noise_cov`); one fewer than needed leaves ||h M||_1 <= 4, where the degree-24
+    core's truncation is 4^25 / 25! ~ 7e-11: the flag ``radius`` is raised beyond that."""
+
+    def __init__(self, block_norm: float, max_b: float):
+        self.count = squarings_for(block_norm * max_b)
+        self.flags: dict[str, torch.Tensor] = {}  # name -> device bool scalar (True: the check failed)
+
+    def note(self, name: str, bad: torch.Tensor) -> None:
+        """Keep a failed check (a device bool) without reading it."""
+        bad = bad.detach().reshape(()).to(torch.bool)
+        self.flags[name] = bad if name not in self.flags else self.flags[name] | bad
+
+    def squarings(self, block: torch.Tensor, big_b: torch.Tensor) -> int:
+        self.note("radius", _needed_squarings(block, big_b) > self.count + 1)
+        return self.count
+
+
+_PLAN: ContextVar[Optional[HostPlan]] = ContextVar("mdmsearch_host_plan", default=None)
+
+
+def host_plan() -> Optional[HostPlan]:
+    """The plan of the step being computed (None: read the device where needed)."""
+    return _PLAN.get()
+
+
+@contextmanager
+def planned(plan: Optional[HostPlan]) -> Iterator[Optional[HostPlan]]:
+    """Compute under ``plan`` (None: as without one)."""
+    token = _PLAN.set(plan)
+    try:
+        yield plan
+    finally:
+        _PLAN.reset(token)
+
+
+# ---------------------------------------------------------------------- constants per device
+# exponents k = 5 j + i of the degree-24 core, and 1 / k!; the Paterson-Stockmeyer coefficients
+_CONSTANTS = {
+    "k": lambda: torch.arange(_PS_BLOCK * _PS_BLOCKS, dtype=torch.float64),
+    "inv_fact": lambda: torch.tensor([1.0 / math.factorial(k) for k in range(_PS_BLOCK * _PS_BLOCKS)],
+                                     dtype=torch.float64),
+    "ps_coef": lambda: torch.tensor(_PS_COEF, dtype=torch.float64),
+}
+_ON_DEVICE: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _constant(name: str, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A constant tensor, copied to ``device`` once (a host-to-device copy per call would make
+    the GPU wait for the host)."""
+    key = (name, dtype, device)
+    out = _ON_DEVICE.get(key)
+    if out is None:
+        out = _ON_DEVICE[key] = _CONSTANTS[name]().to(dtype=dtype, device=device)
+    return out
 
 
 def _taylor_scaled(block: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -131,7 +221,8 @@ def _taylor_scaled(block: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     m10 = m5 @ m5
     high = torch.stack([eye, m5, m10, m10 @ m5, m10 @ m10])  # M^0, M^5, .., M^20
     powers = (high[:, None] @ low[None]).reshape(-1, m * m)  # [25, m^2]  M^(5j + i)
-    coef = h[:, None].pow(_K.to(h.device)) * _INV_FACT.to(h.device)  # [N, 25]  h^k / k!
+    k, inv_fact = _constant("k", torch.float64, h.device), _constant("inv_fact", torch.float64, h.device)
+    coef = h[:, None].pow(k) * inv_fact  # [N, 25]  h^k / k!
     return (coef @ powers).reshape(-1, m, m)
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..errors import CholeskyError, InvalidStructureError
 from . import draws
-from .ops import apply_matrix, batch_view, phi_and_noise_cov, sum_except_batch
+from .ops import apply_matrix, batch_view, host_plan, phi_and_noise_cov, sum_except_batch
 from .params import mask_to_tuple
 from .schedules import Schedule
 from .structure import StructureCheck, check_matrices, check_structure, stable_hash
@@ -149,6 +149,10 @@ class LinearMDM(nn.Module):
     def cholesky(self, sigma: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         """Cholesky factor in float64; a failure names Q and D instead of returning garbage."""
         chol, info = torch.linalg.cholesky_ex(sigma)
+        plan = host_plan()
+        if plan is not None:  # a training step on an accelerator: the failure is read later, with the loss
+            plan.note("cholesky", (info != 0).any())
+            return chol
         if bool((info != 0).any()):
             bad = int(torch.nonzero(info)[0, 0])
             at = float(t[bad]) if t is not None else None

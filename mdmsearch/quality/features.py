@@ -3,12 +3,13 @@ split), ``inception`` (Inception-v3 pool3, optional extra) and ``auto`` (by chan
 
 An extractor is a callable ``extractor(pixels int [N, C, H, W]) -> float64 [N, d]`` with a
 ``name`` (the feature space: scores are comparable only under the same name) and ``accuracy``
-(the classifier's held-out accuracy, or None).
+(the classifier's held-out accuracy, or None).  A factory takes the dataset and the device the
+run trains on (None: its own choice); Inception runs there, the small classifier on the CPU.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 import torch
@@ -28,13 +29,13 @@ class FeatureExtractor(Protocol):
     def __call__(self, pixels: torch.Tensor) -> np.ndarray: ...
 
 
-ExtractorFactory = Callable[[DataBundle], FeatureExtractor]
+ExtractorFactory = Callable[[DataBundle, Optional[torch.device]], FeatureExtractor]
 EXTRACTORS: dict[str, ExtractorFactory] = {}
 AUTO_BY_CHANNELS = {1: "classifier", 3: "inception"}  # what ``auto`` picks per channel count
 
 
 def register_extractor(name: str) -> Callable[[ExtractorFactory], ExtractorFactory]:
-    """Decorator: ``factory(bundle) -> extractor`` under ``name``."""
+    """Decorator: ``factory(bundle, device) -> extractor`` under ``name``."""
     def decorator(fn: ExtractorFactory) -> ExtractorFactory:
         EXTRACTORS[name] = fn
         return fn
@@ -42,28 +43,29 @@ def register_extractor(name: str) -> Callable[[ExtractorFactory], ExtractorFacto
 
 
 @register_extractor("classifier")
-def _classifier(data: DataBundle) -> FeatureExtractor:
-    return get_classifier(data)
+def _classifier(data: DataBundle, device: Optional[torch.device] = None) -> FeatureExtractor:
+    return get_classifier(data)  # (a small CNN: trained and run on the CPU, cached by content hash)
 
 
 @register_extractor("inception")
-def _inception(data: DataBundle) -> FeatureExtractor:
-    return get_inception(check_image_data(data))
+def _inception(data: DataBundle, device: Optional[torch.device] = None) -> FeatureExtractor:
+    return get_inception(check_image_data(data), device)
 
 
 @register_extractor("auto")
-def _auto(data: DataBundle) -> FeatureExtractor:
+def _auto(data: DataBundle, device: Optional[torch.device] = None) -> FeatureExtractor:
     check_image_data(data)
     choice = AUTO_BY_CHANNELS.get(data.shape[0])
     if choice is None:
         raise QualityError(f"features='auto' has no choice for {data.shape[0]}-channel images ({data.name!r}); "
                            f"pick one of {', '.join(sorted(set(EXTRACTORS) - {'auto'}))}")
-    return EXTRACTORS[choice](data)
+    return EXTRACTORS[choice](data, device)
 
 
-def get_extractor(name: str, data: DataBundle) -> FeatureExtractor:
-    """The extractor ``name`` for ``data`` (trained / loaded on first use, then kept in memory)."""
+def get_extractor(name: str, data: DataBundle, device: Optional[torch.device] = None) -> FeatureExtractor:
+    """The extractor ``name`` for ``data`` on ``device`` (the run's; None: CUDA when available),
+    trained / loaded on first use, then kept in memory."""
     factory = EXTRACTORS.get(name)
     if factory is None:
         raise QualityError(f"unknown features {name!r}; available: {', '.join(sorted(EXTRACTORS))}")
-    return factory(data)
+    return factory(data, device)

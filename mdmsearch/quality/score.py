@@ -64,7 +64,8 @@ def clear_reference_memory() -> None:
 
 
 def score_samples(pixels: torch.Tensor, data: DataBundle, *, features: str = "auto", n_ref: int | None = None,
-                  seed: int = 0, subsets: int | None = None, subset_size: int = DEFAULT_SUBSET_SIZE) -> dict:
+                  seed: int = 0, subsets: int | None = None, subset_size: int = DEFAULT_SUBSET_SIZE,
+                  device: torch.device | str | None = None) -> dict:
     """KID (with SE) and FID of generated ``pixels`` against the training reference of ``data``.
 
     ``pixels``: integer pixels [N, C, H, W] in [0, levels-1] (what ``to_pixels`` returns).
@@ -73,11 +74,12 @@ def score_samples(pixels: torch.Tensor, data: DataBundle, *, features: str = "au
     ``subsets``/``subset_size``: how KID deals the features into disjoint subsets
     (:func:`mdmsearch.quality.metrics.kid`). Returns a JSON-able dict: kid, kid_se, fid, n, n_ref,
     features (the feature-space name: compare scores only under the same one), classifier_acc,
-    seconds.
+    seconds.  ``device``: where feature extractors that use one run (the run's device: a CPU run
+    scores on the CPU, a cuda:1 run on cuda:1; None: CUDA when available).
     """
     t0 = time.perf_counter()
     x = check_pixels(pixels, data, min_n=4)  # [N, C, H, W] int64
-    extractor = get_extractor(features, data)
+    extractor = get_extractor(features, data, None if device is None else torch.device(device))
     ref = reference_features(extractor, data, n_ref, seed)  # [M, d]
     gen = extractor(x)  # [N, d]
     out: dict = {}

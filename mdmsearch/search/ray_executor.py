@@ -39,6 +39,7 @@ from ..errors import MDMError
 from . import adapters
 from .confirm import Step, next_step
 from .confirm import finished as confirm_finished
+from .gpus import trial_resources
 from .lifecycle import Deadline, artifact_dir, claim, recover, settle
 from .space import finite_size
 from .spec import SearchSpec
@@ -195,23 +196,12 @@ def _next_experiment(ray_dir: Path) -> str:
     return f"{EXPERIMENT_PREFIX}{max(runs, default=0) + 1}"
 
 
-def trial_resources(spec: SearchSpec) -> dict[str, float]:
-    """What one Tune trial holds: the spec's ``resources``, covering its ``budget.devices``
-    processes (one GPU each when the trial asks for GPUs, else one CPU each)."""
-    resources = {"cpu": 1, "gpu": 0, **spec.resources}
-    devices = spec.budget.devices
-    if resources["gpu"] and resources["gpu"] < devices:
-        raise MDMError(f"budget.devices {devices}: each process needs a GPU, but resources ask for "
-                       f"{resources['gpu']:g} per trial; set resources.gpu to {devices}")
-    if not resources["gpu"]:
-        resources["cpu"] = max(resources["cpu"], devices)
-    return resources
-
-
 def _build_tuner(spec: SearchSpec, space_size: Optional[int], deadline: Deadline):
+    import ray
     from ray import tune
 
-    resources = trial_resources(spec)
+    # GPUs by budget.device unless the spec sets resources.gpu (search/gpus.py)
+    resources = trial_resources(spec, cluster_gpus=float(ray.cluster_resources().get("GPU", 0)))
     tune_config = tune.TuneConfig(search_alg=StudySearcher(spec, space_size, deadline), num_samples=-1,
                                   max_concurrent_trials=spec.workers, reuse_actors=True,
                                   trial_dirname_creator=trial_dirname)
@@ -284,6 +274,7 @@ def run_ray(spec: SearchSpec, address: Optional[str] = None, allow_spec_change: 
         if not _done(study, spec, size):
             if started and not address:
                 ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, logging_level=logging.WARNING)
+            trial_resources(spec, cluster_gpus=float(ray.cluster_resources().get("GPU", 0)))  # GPUs asked, none: one line
             _fit(spec, study, size, Deadline(spec.time_budget_s))
     finally:
         HELD.release_all()  # trials claimed but never started: recovered by the next run

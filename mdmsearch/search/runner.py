@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from ..leaderboard import mask_json, write_curve, write_trial
 from ..training import Launch, StopTraining
 from .confirm import Step, next_step, plan_overrides
 from .failpoints import TrialEnd, failpoint
+from .gpus import VISIBLE_ENV, check_local_gpus, visible_gpus, worker_gpus
 from .plan import TrialPlan, suggest_plan
 from .spec import SearchSpec
 from .lifecycle import Deadline, artifact_dir, claim, recover, release, tell
@@ -373,9 +375,11 @@ def _die_with_parent() -> None:
 
 
 def _worker_main(spec_json: str, worker: int, allow_spec_change: bool, log_options: dict,
-                 space_size: Optional[int]) -> None:
+                 space_size: Optional[int], gpus: Optional[str] = None) -> None:
     from ..logs import route_optuna, setup_logging
 
+    if gpus is not None:  # this worker's GPUs (search/gpus.py), before anything initializes CUDA here
+        os.environ[VISIBLE_ENV] = gpus
     _die_with_parent()
     setup_logging(**log_options, tag=f"w{worker}")
     route_optuna()
@@ -385,7 +389,10 @@ def _worker_main(spec_json: str, worker: int, allow_spec_change: bool, log_optio
 
 def run_local(spec: SearchSpec, *, allow_spec_change: bool = False, verbose: bool = False,
               log_options: Optional[dict] = None) -> dict:
-    """Run the study with ``spec.workers`` processes on this machine; returns the final counts."""
+    """Run the study with ``spec.workers`` processes on this machine; returns the final counts.
+    Workers spread over the visible GPUs when the trials train on GPUs (search/gpus.py)."""
+    visible = visible_gpus()
+    check_local_gpus(spec, visible)  # GPUs asked for and absent: one line, before anything is created
     study = open_study(spec, allow_spec_change=allow_spec_change)  # validates/creates once, up front
     record_run(study, spec, "local")  # for `mdmsearch status` (ETA)
     t0 = time.perf_counter()
@@ -395,7 +402,8 @@ def run_local(spec: SearchSpec, *, allow_spec_change: bool = False, verbose: boo
     else:
         ctx = mp.get_context("spawn")
         procs = [ctx.Process(target=_worker_main, args=(spec.model_dump_json(), i, allow_spec_change,
-                                                                 log_options or {"verbose": verbose}, space_size),
+                                                                 log_options or {"verbose": verbose}, space_size,
+                                                                 worker_gpus(spec, i, visible)),
                              name=f"mdmsearch-worker-{i}") for i in range(spec.workers)]
         for p in procs:
             p.start()

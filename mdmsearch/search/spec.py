@@ -179,7 +179,9 @@ class SearchSpec(_Strict):
     storage: Optional[str] = Field(None, description="Optuna storage URL; default: journal file under studies/<study>/")
     studies_dir: str = "studies"
     leaderboard_dir: Optional[str] = Field(None, description="default: <studies_dir>/leaderboard")
-    resources: dict[str, float] = Field(default_factory=lambda: {"cpu": 1, "gpu": 0}, description="per-trial resources (Ray)")
+    resources: dict[str, float] = Field(default_factory=lambda: {"cpu": 1},
+                                        description="per-trial resources (Ray); gpu unset: from budget.device "
+                                                    "(mdmsearch/search/gpus.py), a fraction < 1 shares a GPU")
     executor: Literal["local", "ray"] = "local"
     confirm: ConfirmSpec = Field(default_factory=ConfirmSpec)
 
@@ -205,6 +207,9 @@ class SearchSpec(_Strict):
         neg = {k: x for k, x in v.items() if x < 0}
         if neg:
             raise ValueError(f"resources must be >= 0, got {neg}")
+        gpu = v.get("gpu", 0)
+        if gpu > 1 and gpu != round(gpu):
+            raise ValueError(f"resources.gpu {gpu:g}: Ray takes a fraction below 1 (GPUs shared) or a whole number")
         return v
 
     @field_validator("baselines")

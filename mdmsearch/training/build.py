@@ -12,6 +12,7 @@ run is the same run whoever builds it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -19,6 +20,7 @@ import torch
 
 from ..config import RunConfig, resolve_parameterization
 from ..data import DataBundle, load_from_config
+from ..errors import ConfigError
 from ..diffusion.process import LinearMDM
 from ..nets import build_network, count_parameters
 from ..objectives import make_time_sampler
@@ -28,7 +30,8 @@ from .ema import EMA
 from .evaluate import data_moments
 from .precision import autocast_network, make_scaler
 
-__all__ = ["Parts", "build_parts", "resolve_device", "network_name", "make_optimizer", "make_scheduler",
+__all__ = ["Parts", "build_parts", "resolve_device", "configure_cuda", "CUDA_DEFAULTS", "network_name", "make_optimizer",
+           "make_scheduler",
            "param_groups", "residual_statistics"]
 
 # devices with fused Adam kernels: one kernel for all parameters
@@ -60,10 +63,45 @@ class Parts:
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; anything else as torch names it."""
+    """``auto`` -> CUDA when available, else CPU; anything else as torch names it.  A GPU that this
+    process cannot see is one line (a ConfigError), not a CUDA traceback at the first copy."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ConfigError(f"train.device {name!r} is not a device torch knows ({str(exc).splitlines()[0]})") from None
+    if device.type == "cuda":
+        visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if visible == 0 or (device.index or 0) >= visible:
+            mask = os.environ.get("CUDA_VISIBLE_DEVICES")
+            raise ConfigError(f"train.device {name!r}: this process sees {visible} CUDA GPU(s)"
+                              f"{'' if mask is None else f' (CUDA_VISIBLE_DEVICES={mask!r})'}; use cpu or auto")
+    return device
+
+
+# what a run on CUDA sets in torch's backends (environment variables override; docs/training.md):
+#   cudnn.benchmark: pick the fastest convolution algorithm per input shape (a run has two or three
+#     shapes; the first step of each is slower).  Results differ from another algorithm's in rounding.
+#   TF32 matmuls: off.  They would also round the ELBO's float32 products of the data (10-bit
+#     mantissas: ~1e-3 relative), i.e. the likelihood a run reports; convolutions in TF32 are
+#     torch's own default (cudnn.allow_tf32) and stay so: they touch the network only.
+CUDA_DEFAULTS = {"MDMSEARCH_CUDNN_BENCHMARK": "1", "MDMSEARCH_TF32_MATMUL": "0"}
+
+
+def configure_cuda() -> dict[str, bool]:
+    """Set cudnn.benchmark and TF32 matmuls from :data:`CUDA_DEFAULTS` or the environment; returns
+    what was set.  Called when a run is built on CUDA (global to the process, as torch's flags are)."""
+    def flag(key: str) -> bool:
+        raw = os.environ.get(key, CUDA_DEFAULTS[key]).strip().lower()
+        if raw not in ("0", "1", "true", "false"):
+            raise ConfigError(f"${key} must be 0 or 1, got {raw!r}")
+        return raw in ("1", "true")
+
+    bench, tf32 = flag("MDMSEARCH_CUDNN_BENCHMARK"), flag("MDMSEARCH_TF32_MATMUL")
+    torch.backends.cudnn.benchmark = bench
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    return {"cudnn_benchmark": bench, "tf32_matmul": tf32}
 
 
 def network_name(config: RunConfig, data_shape: tuple[int, ...]) -> str:
@@ -127,6 +165,8 @@ def build_parts(config: RunConfig, data: Optional[DataBundle] = None, device: Op
     passes its own).  Raises for a process structure that cannot be valid (no training)."""
     tc = config.train
     device = device if device is not None else resolve_device(tc.device)
+    if device.type == "cuda":
+        configure_cuda()
     torch.manual_seed(tc.seed)
     data = data if data is not None else load_from_config(config.data)
     process: LinearMDM = config.process.build(seed=tc.seed).to(device)

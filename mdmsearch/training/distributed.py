@@ -6,7 +6,7 @@ loop reads the same for one process and for N:
     rows(total)            this process's rows of a batch of ``total`` examples
     shard(gen, total)      the generator for those rows (draws for the whole batch, keeps them)
     reduce_gradients(...)  the gradients of all parameters averaged over the processes, and the
-                           batch's mean loss
+                           batch's mean loss (a float64 scalar on the device: nothing is read)
     gather_rows(local, n)  per-example values of the whole batch, in order, on every process
     share(code)            rank 0's integer on every process (its callback's decision)
     check_replicas(...)    every process holds the same weights, bit for bit
@@ -75,8 +75,8 @@ class Solo:
     def shard(self, generator: Optional[torch.Generator], total: int) -> Generator:
         return generator
 
-    def reduce_gradients(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> float:
-        return loss.item()
+    def reduce_gradients(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
+        return loss.detach().to(torch.float64)
 
     def gather_rows(self, local: torch.Tensor, total: int) -> torch.Tensor:
         return local
@@ -111,14 +111,15 @@ class Ranks:
         return sharded(generator, self.rows(total), total)
 
     @torch.no_grad()
-    def reduce_gradients(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> float:
+    def reduce_gradients(self, params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:
         """Average the gradients of ``params`` (network float32, process float64) over the
-        processes, one flat all_reduce per dtype; the loss rides in the float64 one.  The sum
-        is the same bits on every process, so the averaged gradients are too."""
+        processes, one flat all_reduce per dtype; the loss rides in the float64 one (returned as
+        a float64 scalar on the device).  The sum is the same bits on every process, so the
+        averaged gradients are too."""
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {torch.float64: []}
         for p in params:
             by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-        mean_loss = math.nan
+        mean_loss = torch.tensor(math.nan, dtype=torch.float64)
         for dtype, grads in by_dtype.items():
             parts = [g.reshape(-1) for g in grads]
             if dtype == torch.float64:
@@ -131,7 +132,7 @@ class Ranks:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
             if dtype == torch.float64:
-                mean_loss = float(flat[-1])
+                mean_loss = flat[-1].clone()
         return mean_loss
 
     def gather_rows(self, local: torch.Tensor, total: int) -> torch.Tensor:
@@ -177,11 +178,15 @@ def _digest(params: list[torch.Tensor]) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
-def rank_device(name: str, local_rank: int, world: int) -> torch.device:
-    """The device of process ``local_rank`` of ``world``: the CPU, or GPU cuda:local_rank for
-    ``train.device`` auto (with CUDA) or cuda; a one-GPU name (cuda:1) cannot be shared."""
+def rank_device(name: str, local_rank: int, world: int, local_world: Optional[int] = None) -> torch.device:
+    """The device of process ``local_rank`` of the ``local_world`` processes on this machine (of
+    ``world`` in all; default: all on this machine): the CPU, or GPU cuda:local_rank for
+    ``train.device`` auto (with CUDA) or cuda; a one-GPU name (cuda:1) cannot be shared.  Each
+    machine needs a GPU per process it runs, not per process of the whole group (a 2-node
+    torchrun with one GPU per node is 2 processes with one GPU each)."""
     from .build import resolve_device
 
+    local_world = world if local_world is None else local_world
     base = resolve_device(name)
     if base.type not in BACKENDS:
         raise ConfigError(f"train.device {name!r}: data-parallel training runs on {' or '.join(BACKENDS)}, "
@@ -191,8 +196,9 @@ def rank_device(name: str, local_rank: int, world: int) -> torch.device:
     if base.index is not None:
         raise ConfigError(f"train.device {name!r} names one GPU, but {world} processes train: use cuda "
                           f"(process r uses cuda:r)")
-    if torch.cuda.device_count() < world:
-        raise ConfigError(f"{world} processes need {world} GPUs, this machine has {torch.cuda.device_count()}")
+    visible = torch.cuda.device_count()
+    if visible < local_world or local_rank >= visible:
+        raise ConfigError(f"{local_world} processes on this machine need {local_world} GPUs, it has {visible}")
     return torch.device("cuda", local_rank)
 
 

@@ -27,7 +27,7 @@ from .ema import EMA
 from .evaluate import evaluate_bpd, prepare_batch
 
 __all__ = ["RunModel", "reported_weights", "evaluate_model", "ode_evaluate", "draw_samples", "NFE_PER_STEP",
-           "sample_quality"]
+           "QUALITY_CHUNK", "sample_quality"]
 
 
 class RunModel(Protocol):
@@ -88,20 +88,28 @@ def draw_samples(run: RunModel, n: int, data_shape: tuple[int, ...], *, sampler:
 
 # network evaluations per step of each sampler at its default method (em: one drift; ode: RK4)
 NFE_PER_STEP = {"em": 1, "ode": 4}
+# samples drawn together for the sample quality: memory is the batch's states and activations, so an
+# FID-scale n (10k-50k) is drawn in chunks; chunk i's noise is seeded with seed + i * QUALITY_SEED_STRIDE
+# (chunk 0 with the seed itself: an n up to QUALITY_CHUNK draws exactly the samples of one batch)
+QUALITY_CHUNK = 1000
+QUALITY_SEED_STRIDE = 1_000_003
 
 
 def sample_quality(run: RunModel, quality, data, *, t_min: float) -> dict:
     """KID and FID of the reported model's samples against the training split (see
     :func:`mdmsearch.quality.score_samples`), drawn at a fixed cost: ``quality.nfe`` network
-    evaluations per sample with ``quality.sampler``, from noise seeded with ``quality.seed``.
+    evaluations per sample with ``quality.sampler``, from noise seeded with ``quality.seed``, in
+    chunks of :data:`QUALITY_CHUNK`; the features are computed on the run's device.
     ``quality``: a :class:`~mdmsearch.config.QualityConfig`; ``data``: the run's DataBundle."""
     from ..quality import score_samples
     from ..sampling.images import to_pixels
 
     per_step = NFE_PER_STEP[quality.sampler]
     steps = max(1, quality.nfe // per_step)
-    x = draw_samples(run, quality.n, data.shape, sampler=quality.sampler, steps=steps, t_min=t_min,
-                     seed=quality.seed)  # model space, [n, C, H, W]
-    pixels = to_pixels(x, data.levels)  # [n, C, H, W] integers in 0..levels-1
-    scores = score_samples(pixels, data, features=quality.features, seed=quality.seed)
+    pixels = []
+    for i, start in enumerate(range(0, quality.n, QUALITY_CHUNK)):
+        x = draw_samples(run, min(QUALITY_CHUNK, quality.n - start), data.shape, sampler=quality.sampler, steps=steps,
+                         t_min=t_min, seed=quality.seed + i * QUALITY_SEED_STRIDE)  # model space, [chunk, C, H, W]
+        pixels.append(to_pixels(x, data.levels).cpu())  # [chunk, C, H, W] integers in 0..levels-1
+    scores = score_samples(torch.cat(pixels), data, features=quality.features, seed=quality.seed, device=run.device)
     return {**scores, "sampler": quality.sampler, "nfe": steps * per_step}

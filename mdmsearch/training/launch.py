@@ -39,7 +39,7 @@ from ..errors import ConfigError, MDMError, ProcessGroupError, one_line
 from .distributed import PeerLost, init_group, leave_group, rank_device, rank_timeout
 from .trainer import Callback, MainFailed, RunProgress, RunResult, Trainer
 
-__all__ = ["run", "Launch", "torchrun_env", "is_main_process"]
+__all__ = ["run", "Launch", "torchrun_env", "local_world_size", "is_main_process"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +55,12 @@ def torchrun_env() -> Optional[tuple[int, int, int]]:
     if not all(k in os.environ for k in TORCHRUN_KEYS):
         return None
     return tuple(int(os.environ[k]) for k in TORCHRUN_KEYS)  # type: ignore[return-value]
+
+
+def local_world_size(world: int) -> int:
+    """Processes of the group on this machine: torchrun's LOCAL_WORLD_SIZE (else all ``world``)."""
+    raw = os.environ.get("LOCAL_WORLD_SIZE")
+    return int(raw) if raw and raw.isdigit() else world
 
 
 def is_main_process() -> bool:
@@ -95,7 +101,8 @@ class Launch:
     def _run_joined(self, rank: int, world: int, local_rank: int, *, resume: bool, replay: bool) -> RunResult:
         """This process as ``rank`` of a torchrun group (``train.devices`` must be 1 or the group's size)."""
         _check_group_size(self.config, world)
-        group = init_group(rank, world, rank_device(self.config.train.device, local_rank, world))
+        device = rank_device(self.config.train.device, local_rank, world, local_world_size(world))
+        group = init_group(rank, world, device)
         try:
             self.trainer = Trainer(self.config, self.out_dir, callback=self.callback if rank == 0 else None,
                                    data=self.data, group=group)

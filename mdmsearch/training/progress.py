@@ -39,11 +39,20 @@ class StepProgress:
         tenth = max(1, self.total // LINES)
         return (step // tenth + 1) * tenth
 
-    def update(self, loss: float, best_val: float) -> None:
+    def line_due(self) -> bool:
+        """Whether the next :meth:`update` writes a log line (a trainer that keeps the loss on the
+        device reads it then); a terminal's bar shows the loss as last read."""
+        if self._bar is not None:
+            return False
+        nxt = self.step + 1
+        return nxt >= self._next or nxt == self.total or time.monotonic() - self._last >= self.every_s
+
+    def update(self, loss: Optional[float], best_val: float) -> None:
         self.step += 1
         if self._bar is not None:
             self._bar.update(1)
-            self._bar.set_postfix(loss=f"{loss:.4f}", val_bpd=f"{best_val:.4f}")
+            if loss is not None:
+                self._bar.set_postfix(loss=f"{loss:.4f}", val_bpd=f"{best_val:.4f}")
             return
         now = time.monotonic()
         if self.step >= self._next or self.step == self.total or now - self._last >= self.every_s:
@@ -56,7 +65,8 @@ class StepProgress:
         eta = (self.total - self.step) / rate if rate > 0 else float("nan")
         best = f"{best_val:.4f}" if math.isfinite(best_val) else "not yet evaluated"
         log.info("train: step %d/%d (%d%%), %.1f steps/s, loss %.4f, best val_bpd %s, ETA %.0fs",
-                 self.step, self.total, 100 * self.step // max(self.total, 1), rate, loss, best, eta)
+                 self.step, self.total, 100 * self.step // max(self.total, 1), rate,
+                 loss if loss is not None else float("nan"), best, eta)
 
     def close(self) -> None:
         if self._bar is not None:

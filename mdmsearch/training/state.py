@@ -4,7 +4,8 @@ time sampler, the history, and the parameterization with its data statistics).""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import logging
+from typing import TYPE_CHECKING, Optional
 
 import torch
 
@@ -12,6 +13,8 @@ from ..errors import ConfigError
 
 if TYPE_CHECKING:  # (the trainer imports this module)
     from .trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 
 def run_state(tr: "Trainer") -> dict:
@@ -45,8 +48,10 @@ def _check_parameterization(tr: "Trainer", state: dict) -> None:
                           f"{tr.parameterization!r}; the network outputs mean different things")
 
 
-def restore_run(tr: "Trainer", state: dict) -> None:
-    """Restore a :func:`run_state` (of a run with the same parameterization)."""
+def restore_run(tr: "Trainer", state: dict, *, training: bool = True) -> None:
+    """Restore a :func:`run_state` (of a run with the same parameterization).  ``training=False``
+    (evaluation, sampling): the model and its record only; the optimizer, scaler, generators
+    and time sampler of training are left as built (none of them is used)."""
     _check_parameterization(tr, state)
     if tr.residual is not None:
         tr.residual.load_state_dict(state["residual_stats"])  # the statistics trained with, not recomputed
@@ -58,14 +63,54 @@ def restore_run(tr: "Trainer", state: dict) -> None:
     tr.net.load_state_dict(state["net"])
     tr.process.load_state_dict(state["process"])
     tr.ema.load_state_dict(state["ema"])
+    if training:
+        _restore_training(tr, state)
+
+
+def _restore_training(tr: "Trainer", state: dict) -> None:
     tr.optimizer.load_state_dict(state["optimizer"])
     tr.scheduler.load_state_dict(state["scheduler"])
     if tr.scaler is not None and state.get("scaler"):
         tr.scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    tr.data_gen.set_state(state["rng"]["data"])
-    tr.noise_gen.set_state(state["rng"]["noise"])
-    if state["rng"].get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    rng = state["rng"]
+    torch.set_rng_state(_host_bytes(rng["torch"]))
+    tr.data_gen.set_state(_host_bytes(rng["data"]))
+    _restore_generator(tr.noise_gen, rng["noise"], reseed=tr.config.train.seed + 2, step=tr.step)
+    restore_cuda_rng(rng.get("cuda"))
     if state.get("time_sampler") and tr.time_sampler.state_dict():  # (a sampler without state keeps none)
         tr.time_sampler.load_state_dict(state["time_sampler"], device=tr.device)
+
+
+def _host_bytes(rng_state: torch.Tensor) -> torch.Tensor:
+    """A generator state as ``set_state`` takes it: a CPU uint8 tensor (a checkpoint loaded with
+    ``map_location="cuda"`` holds CUDA tensors, which torch refuses as RNG states)."""
+    return rng_state.to(device="cpu", dtype=torch.uint8)
+
+
+def _restore_generator(gen: torch.Generator, saved: torch.Tensor, *, reseed: int, step: int) -> None:
+    """``gen``'s saved state, or, when the checkpoint was written on another kind of device (a
+    ``train.device: auto`` run moved between a GPU and a CPU machine: CUDA's Philox state is 16
+    bytes, the CPU's Mersenne twister 5056), a fresh stream seeded from (seed, step): the run
+    continues, no longer draw for draw the run that never moved (its arithmetic differs anyway)."""
+    saved = _host_bytes(saved)
+    if saved.numel() == gen.get_state().numel():
+        gen.set_state(saved)
+        return
+    gen.manual_seed(hash((int(reseed), int(step))) & 0x7FFF_FFFF_FFFF)
+    log.warning("the checkpoint's noise generator is of another device type (%d-byte state; this run's %s "
+                "generator has %d): resumed with a fresh noise stream seeded from (seed, step %d)",
+                saved.numel(), gen.device.type, gen.get_state().numel(), step)
+
+
+def restore_cuda_rng(states: Optional[list]) -> None:
+    """The saved per-GPU states on the GPUs this process sees: a checkpoint written where more
+    GPUs were visible restores the first ones (``set_rng_state_all`` would raise IndexError for
+    the rest), one written with fewer leaves the others as they are; none without CUDA."""
+    if not states or not torch.cuda.is_available():
+        return
+    visible = torch.cuda.device_count()
+    for index, saved in enumerate(states[:visible]):
+        torch.cuda.set_rng_state(_host_bytes(saved), index)
+    if len(states) != visible:
+        log.info("restored the CUDA generator states of %d GPU(s); the checkpoint has %d, this process sees %d",
+                 min(len(states), visible), len(states), visible)

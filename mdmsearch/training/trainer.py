@@ -32,7 +32,8 @@ import torch
 from ..config import RunConfig, upgrade_saved_config
 from ..data import DataBundle
 from ..diffusion.process import LinearMDM
-from ..errors import ConfigError, NonFiniteLossError
+from ..diffusion.ops import HostPlan, planned, van_loan_norm
+from ..errors import CholeskyError, ConfigError, NonFiniteLossError
 from ..io import set_aside
 from ..objectives import elbo
 from ..objectives.residual import GaussianStats, ResidualEps
@@ -45,6 +46,7 @@ from .checkpoint import UNREADABLE, config_mismatch, load_checkpoint, save_check
 from .distributed import SOLO, Group
 from .ema import EMA
 from .evaluate import prepare_batch
+from .ledger import OVERFLOW_LIMIT, READ_EVERY, StepLedger
 from .inference import evaluate_model, sample_quality
 from .progress import StepProgress
 
@@ -54,6 +56,9 @@ Callback = Callable[[int, dict], None]
 CHECKPOINT = "checkpoint.pt"
 # what rank 0 shares when its side of a decision raised (any other shared value is its result, >= 0)
 _STOPPED, _FAILED = -1, -2
+# a deferred step's bound on the norm of a learned process's Van Loan block: twice the norm last read
+# (one squaring more than needed; the check in HostPlan allows a further 2x before it fails)
+PLAN_HEADROOM = 2.0
 
 
 class StopTraining(Exception):
@@ -149,6 +154,13 @@ class Trainer:
         self.best_val = math.inf
         self._last_eval: Optional[tuple] = None
         self.running_loss: Optional[float] = None
+        # read the loss, gradient norm and checks on the host every step (CPU), or keep them on the
+        # device and read them once per logging step (a GPU: .ledger); either way the same numbers
+        self.deferred = self.device.type != "cpu"
+        self._ledger: Optional[StepLedger] = None
+        self._overflows = 0  # consecutive fp16 steps with a non-finite loss (host checks)
+        self._block_norm: Optional[float] = None  # ||Van Loan block||_1 as last read (deferred steps)
+        self._max_b = float(self.process.schedule.integral(torch.tensor(self.process.T, dtype=torch.float64)))
 
     @property
     def residual(self) -> Optional[GaussianStats]:
@@ -175,25 +187,39 @@ class Trainer:
 
     def _batch(self) -> torch.Tensor:
         """This process's rows of a random batch of ``optim.batch_size`` examples (every process
-        draws the same indices), [batch_size / processes, *shape] on the device."""
+        draws the same indices), [batch_size / processes, *shape] on the device.  The indices are
+        drawn on the host (the data generator's stream is the same on every device) and reach a
+        GPU from pinned memory without a wait (a pageable copy would block until it is done)."""
         size = self.config.optim.batch_size
-        idx = torch.randint(0, self.train_x.shape[0], (size,), generator=self.data_gen)
-        return self.train_x[idx[self.group.rows(size)].to(self.device)]
+        idx = torch.randint(0, self.train_x.shape[0], (size,), generator=self.data_gen)[self.group.rows(size)]
+        if self.device.type == "cuda":
+            idx = idx.pin_memory().to(self.device, non_blocking=True)
+        return self.train_x[idx.to(self.device)]
 
     def train_step(self) -> float:
-        """One optimizer step on a random batch; the loss (nats/dim, of the whole batch) before the step."""
+        """One optimizer step on a random batch; the loss (nats/dim, of the whole batch) before the
+        step, read from the device (the loop itself reads it once per logging step: :meth:`_step`)."""
+        return float(self._step())
+
+    def _step(self) -> torch.Tensor:
+        """One optimizer step; the loss as a float64 scalar on the device.  On CPU (``deferred``
+        False) the loss and the gradient norm are checked here; on a GPU they go to the ledger."""
         batch = self._batch()
         if not self.net.training:  # (evaluation switches it off; walking the modules every step costs)
             self.net.train()
-        loss = self.loss(batch)
-        self.optimizer.zero_grad(set_to_none=True)
-        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+        plan = self._plan()
+        with planned(plan):
+            loss = self.loss(batch)
+            self.optimizer.zero_grad(set_to_none=True)
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         value = self.group.reduce_gradients(self._with_grads(), loss)  # (processes: gradients averaged)
-        if not math.isfinite(value):
-            raise NonFiniteLossError(
-                f"non-finite loss ({value}) at step {self.step + 1} for process {self.process.name!r} "
-                f"(Q={self.process.Q.detach().tolist()}, D={self.process.D.detach().tolist()}); "
-                "lower the learning rates or check the data")
+        if plan is None:
+            self._check_loss(float(value))
+        else:
+            if self._ledger is None:  # (fit starts one; a step outside fit, e.g. a test's, gets its own)
+                self._ledger = StepLedger(self.device, self.running_loss)
+            self._ledger.add_loss(value, self.step + 1, skippable=self.scaler is not None)
+            self._ledger.add_flags(plan.flags, self.step + 1)
         self._optimizer_step()
         self.scheduler.step()
         self.ema.update(self.step)
@@ -201,6 +227,67 @@ class Trainer:
         if isinstance(self.time_sampler, AdaptiveTime) and self.step % self.config.train.adaptive_refresh == 0:
             self.time_sampler.refresh(self.process)
         return value
+
+    def _check_loss(self, value: float) -> None:
+        """A non-finite loss is an error, except under fp16's loss scaler: there it is an overflow
+        whose step the scaler skips (its gradients are not finite either), unless
+        :data:`~.ledger.OVERFLOW_LIMIT` steps in a row overflow (the forward pass itself does)."""
+        if math.isfinite(value):
+            self._overflows = 0
+            return
+        if self.scaler is None:
+            raise self._non_finite_loss(value, self.step + 1)
+        self._overflows += 1
+        if self._overflows >= OVERFLOW_LIMIT:
+            raise self._overflowing(self.step + 1)
+
+    def _non_finite_loss(self, value: float, step: int) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"non-finite loss ({value}) at step {step} for process {self.process.name!r} "
+            f"(Q={self.process.Q.detach().tolist()}, D={self.process.D.detach().tolist()}); "
+            "lower the learning rates or check the data")
+
+    def _overflowing(self, step: int) -> NonFiniteLossError:
+        return NonFiniteLossError(
+            f"{OVERFLOW_LIMIT} consecutive fp16 steps up to step {step} had a non-finite loss for process "
+            f"{self.process.name!r}: the network's forward pass overflows fp16 (the loss scale cannot help "
+            "there); use model.precision bf16 or fp32")
+
+    def _plan(self) -> Optional[HostPlan]:
+        """The host-side bounds of a deferred step (None on CPU): B(T), the largest B(t) of a
+        training batch (its prior term is at T), and the Van Loan block's 1-norm as last read,
+        with :data:`PLAN_HEADROOM` for a learned process, whose Q and D move between reads."""
+        if not self.deferred:
+            return None
+        if self._block_norm is None:
+            self._block_norm = float(van_loan_norm(self.process.A.detach(), self.process.D.detach()))
+        headroom = PLAN_HEADROOM if self.process_params else 1.0
+        return HostPlan(self._block_norm * headroom, self._max_b)
+
+    def _settle(self) -> None:
+        """Read the ledger (one transfer): the smoothed loss, and the failures of the steps since
+        the last read, raised as the host checks would have raised them at their step."""
+        if not self.deferred:
+            return
+        r = self._ledger.read()
+        self._block_norm = None  # re-read with the next step's plan (Q and D moved)
+        if r.bad_loss_step is not None:
+            raise self._non_finite_loss(r.bad_loss, r.bad_loss_step)
+        if r.bad_grad_step is not None:
+            raise NonFiniteLossError(f"non-finite gradient at step {r.bad_grad_step}")
+        if r.overflow_step is not None:
+            raise self._overflowing(r.overflow_step)
+        if r.checks["cholesky"] is not None:
+            raise CholeskyError(f"transition covariance is not positive definite at step {r.checks['cholesky']} "
+                                f"for process {self.process.name!r} (no jitter is added; check the structure)",
+                                process=self.process.name, Q=self.process.Q.detach().tolist(),
+                                D=self.process.D.detach().tolist())
+        if r.checks["radius"] is not None:
+            raise NonFiniteLossError(
+                f"at step {r.checks['radius']} the norm of Q and D had grown more than {2 * PLAN_HEADROOM:g}x "
+                f"since the last read of the device for process {self.process.name!r}: the transition "
+                "kernels would be inexact; lower optim.process_lr")
+        self.running_loss = r.running_loss
 
     def _with_grads(self) -> list[torch.nn.Parameter]:
         """The optimizer's parameters (network, then process) that have gradients."""
@@ -221,19 +308,26 @@ class Trainer:
     def _clip_gradients(self, overflow_ok: bool = False) -> None:
         """Scale all gradients (network and process) to a total 2-norm of at most ``optim.grad_clip``.
 
-        The same rule as ``clip_grad_norm_`` (factor min(1, c / (norm + 1e-6))), but the norm is read
-        once on the host, which the finiteness check needs anyway, and gradients are multiplied
+        The same rule as ``clip_grad_norm_`` (factor min(1, c / (norm + 1e-6))).  On CPU the norm
+        is read on the host, which the finiteness check needs anyway, and gradients are multiplied
         only when the factor is below 1: the multiply-by-one of every step cost as much as the
-        norm on CPU (0.35 of 0.9 ms per digits step).  A non-finite norm is an error, unless
-        ``overflow_ok`` (the fp16 scaler skips that step)."""
+        norm on CPU (0.35 of 0.9 ms per digits step).  Deferred (a GPU), the factor stays on the
+        device and multiplies every step (by exactly 1 when not clipping: the same bits), and the
+        finiteness goes to the ledger.  A non-finite norm is an error, unless ``overflow_ok`` (the
+        fp16 scaler skips that step)."""
         params = self._with_grads()
         total = _total_norm([p.grad for p in params])
+        max_norm = self.config.optim.grad_clip
+        if self.deferred:
+            if not overflow_ok:
+                self._ledger.add_grad_norm(total, self.step + 1)
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
+            return
         norm = float(total)
         if not math.isfinite(norm):
             if overflow_ok:
                 return
             raise NonFiniteLossError(f"non-finite gradient at step {self.step + 1}")
-        max_norm = self.config.optim.grad_clip
         if max_norm / (norm + 1e-6) < 1.0:
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=True)
 
@@ -294,9 +388,10 @@ class Trainer:
         """Everything a resumed run needs to continue exactly (see :func:`.state.run_state`)."""
         return run_state(self)
 
-    def load_state_dict(self, state: dict) -> None:
-        """Restore a :meth:`state_dict` (of a run with the same parameterization)."""
-        restore_run(self, state)
+    def load_state_dict(self, state: dict, *, training: bool = True) -> None:
+        """Restore a :meth:`state_dict` (of a run with the same parameterization); ``training=False``:
+        the model alone, for evaluation and sampling (see :func:`.state.restore_run`)."""
+        restore_run(self, state, training=training)
 
     def save(self) -> None:
         save_checkpoint(self.out_dir / CHECKPOINT, self.state_dict())
@@ -347,18 +442,29 @@ class Trainer:
             log.info("process %s (n=%d, %s), network %d params, dataset %s %s", self.process.name, self.process.n,
                      "learned" if self.process_params else "fixed", self.n_params, self.data.name, self.data.shape)
         bar = _progress(tc, self.step) if self.is_main else None
+        if self.deferred:
+            self._ledger = StepLedger(self.device, self.running_loss)
         while self.step < tc.steps:
             # ranks 1.. reseed their global stream (dropout) from (seed, rank, step): a resumed
             # run draws the masks the uninterrupted one would have
             self.group.separate_global_rng(tc.seed, self.step)
             t0 = time.perf_counter()
-            loss = self.train_step()
+            loss = self._step()
+            evaluate = self.step % tc.eval_every == 0 or self.step == tc.steps
+            if self.deferred:
+                # one read per logging step; the wait for the queued steps is counted as training time
+                if evaluate or self.step % READ_EVERY == 0 or (bar is not None and bar.line_due()):
+                    self._settle()
+            else:
+                # smoothed training loss (nats/dim), checkpointed so a resumed curve continues; an
+                # fp16 step the scaler skipped (non-finite loss) leaves it as it was
+                value = float(loss)
+                if math.isfinite(value):
+                    self.running_loss = value if self.running_loss is None else 0.98 * self.running_loss + 0.02 * value
             self.train_seconds += time.perf_counter() - t0
-            # smoothed training loss (nats/dim), checkpointed so a resumed curve continues
-            self.running_loss = loss if self.running_loss is None else 0.98 * self.running_loss + 0.02 * loss
             if bar is not None:
                 bar.update(self.running_loss, self.best_val)
-            if self.step % tc.eval_every == 0 or self.step == tc.steps:
+            if evaluate:
                 self._eval_and_checkpoint(self.running_loss)
         if bar is not None:
             bar.close()
