@@ -24,7 +24,8 @@ from .io import atomic_write
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # 2: parameterization, residual_stats; 3: kid, kid_se, fid, quality
+SCHEMA_VERSION = 5  # 2: parameterization, residual_stats; 3: kid, kid_se, fid, quality;
+# 5: eff_n_aux, eff_structure, aux_share, coupling
 
 # Column -> arrow type.  Every file has exactly this schema (missing values are null).
 COLUMNS: dict[str, pa.DataType] = {
@@ -73,6 +74,12 @@ COLUMNS: dict[str, pa.DataType] = {
     "n_params": pa.int64(),
     "Q": pa.string(),  # JSON n x n learned (EMA) Q
     "D": pa.string(),
+    # what training made of the structure (docs/math.md section 9): auxiliaries that matter, their
+    # effective patterns (e.g. "K=0 (x alone, D_xx=0.71)"), their share of the precision about x0
+    "eff_n_aux": pa.int32(),
+    "eff_structure": pa.string(),
+    "aux_share": pa.float64(),
+    "coupling": pa.string(),  # JSON: the reported process's coupling (metrics.json's "coupling")
     "executor": pa.string(),  # local | ray
     "artifact_dir": pa.string(),
     "spec_hash": pa.string(),
@@ -247,3 +254,28 @@ def _label(row) -> str:
     if isinstance(row.get("baseline"), str) and row["baseline"]:
         return f"{row['baseline'].upper()} ({hyper})"
     return f"learned K={int(row['n_aux'])} Q:{row['q_pattern']} D:{row['d_pattern']}/{row['d_param']} ({hyper})"
+
+
+def with_effective(rows, view):
+    """``view`` (:func:`ranked`) with each configuration's effective structure over its seeds
+    (docs/math.md section 9): ``eff_n_aux`` (the largest over its seeds: a collapse is reported
+    only when every seed collapsed), ``eff_structure`` (that seed's effective label),
+    ``aux_share`` (median over seeds) and ``collapsed`` (eff_n_aux < n_aux).  Rows written before
+    these columns existed leave them empty."""
+    import pandas as pd
+
+    if view.empty:
+        return view
+    cols = {"eff_n_aux": pd.NA, "eff_structure": None, "aux_share": float("nan"), "collapsed": pd.NA}
+    if "eff_n_aux" not in rows.columns:
+        return view.assign(**cols)
+    ok = rows[(rows["state"] == "COMPLETE") & rows["eff_n_aux"].notna()]
+    found = {}
+    for key, part in ok.groupby(["dataset", "config_group"], dropna=False):
+        top = part.sort_values("eff_n_aux", ascending=False).iloc[0]
+        found[key] = (int(top["eff_n_aux"]), top["eff_structure"], float(part["aux_share"].median()))
+    eff = [found.get(k, (pd.NA, None, float("nan"))) for k in zip(view["dataset"], view["config_group"])]
+    out = view.assign(eff_n_aux=pd.array([e[0] for e in eff], dtype="Int64"), eff_structure=[e[1] for e in eff],
+                      aux_share=pd_float([e[2] for e in eff]))
+    return out.assign(collapsed=pd.array([pd.NA if pd.isna(e) else bool(e < k) for e, k in
+                                          zip(out["eff_n_aux"], out["n_aux"])], dtype="boolean"))

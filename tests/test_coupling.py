@@ -179,3 +179,110 @@ def test_record_coupling_measures_the_ema_process(tmp_path):
     entry = read_coupling(tmp_path)["history"][0]
     assert entry["Q"][0][1] == -1.0 and entry["n_eff"] == 1
     assert float(proc.q_module.u.detach()[0, 1]) == 0.0  # the live value is back
+
+
+# ---------------------------------------------------------------------- where users look
+def _rows(effs, n_aux=3, group="g"):
+    import pandas as pd
+
+    return pd.DataFrame({"dataset": "digits", "config_group": group, "group": group, "state": "COMPLETE",
+                         "n_aux": n_aux, "eff_n_aux": effs, "baseline": None,
+                         "eff_structure": [f"K={k}" for k in effs], "aux_share": [0.001 * (k + 1) for k in effs]})
+
+
+@pytest.mark.parametrize("effs,eff,collapsed", [([0, 0], 0, True), ([0, 3], 3, False)])
+def test_with_effective_reports_a_collapse_only_when_every_seed_collapsed(effs, eff, collapsed):
+    import pandas as pd
+
+    from mdmsearch.leaderboard import with_effective
+
+    view = pd.DataFrame({"dataset": ["digits"], "config_group": ["g"], "n_aux": [3]})
+    out = with_effective(_rows(effs), view)
+    assert int(out["eff_n_aux"][0]) == eff and bool(out["collapsed"][0]) is collapsed
+    assert out["eff_structure"][0] == f"K={eff}"
+
+
+def test_coupling_columns_come_from_metrics():
+    from mdmsearch.search.runner import coupling_columns
+
+    c = process_coupling(learned(3, "chain", "diag", d_param="diag", q_init=0.0)).to_dict()
+    cols = coupling_columns({"coupling": c})
+    assert (cols["eff_n_aux"], cols["eff_structure"], cols["aux_share"]) == (0, c["label"], 0.0)
+    assert json.loads(cols["coupling"])["n_aux"] == 3
+    assert coupling_columns({}) == {}  # a run from before the coupling was measured
+
+
+def test_status_lines_say_when_top_configurations_collapse():
+    from mdmsearch.search.cli import _effective_lines
+
+    top = [{"label": "a", "n_aux": 3, "eff_n_aux": 0, "eff_structure": "K=0 (x alone, D_xx=0.7)", "aux_share": 2e-4,
+            "learned": True},
+           {"label": "b", "n_aux": 1, "eff_n_aux": 1, "eff_structure": "K=1 Q:chain D:last", "aux_share": 0.5,
+            "learned": False}]
+    lines = _effective_lines({"top": top, "learned": 1, "collapsed": 1})
+    assert "1 of the 1 learned configuration(s) among the top 2 collapse" in lines[0]
+    assert lines[1].startswith("  1. searched K=3 -> effective K=0: K=0 (x alone")
+    assert "collapse" not in _effective_lines({"top": top[1:], "learned": 0, "collapsed": 0})[0]
+
+
+def test_report_headline_and_table_show_the_effective_k():
+    from mdmsearch.report import data as D
+    from mdmsearch.report.effective import annotate_effective, collapse_sentence
+    from mdmsearch.report.render import TABLE_HEADERS, table_cells
+
+    entries = [D.Entry(label="learned K=3", baseline=None, group="g", rank=1, n_aux=3, val_mean=2.04, n=1),
+               D.Entry(label="learned K=1", baseline=None, group="h", rank=2, n_aux=1, val_mean=2.06, n=1)]
+    table = D.Table(entries, entries, entries[0], None, "The best learned structure ...")
+    df = __import__("pandas").concat([_rows([0]), _rows([1], n_aux=1, group="h")], ignore_index=True)
+    annotate_effective(table, df)
+    assert (entries[0].eff_n_aux, entries[1].eff_n_aux) == (0, 1)
+    sentence = collapse_sentence(table)
+    assert sentence.startswith("Training collapsed 1 of the top 2 learned configurations") and "#1 K=3 -> K=0" in sentence
+    cells = dict(zip(TABLE_HEADERS, table_cells(entries[0], False)))
+    assert (cells["K"], cells["K eff"]) == ("3", "0")
+    entries[0].eff_n_aux = 3
+    assert collapse_sentence(table) == ""
+
+
+@pytest.mark.slow
+def test_a_search_states_effective_structures_in_status_rows_rebuild_and_report(tmp_path):
+    """End to end: a searched structure whose auxiliary is masked off from x (Q none, D diag) next
+    to CLD: status, the leaderboard rows, rebuild and the report all say it collapsed."""
+    import os
+    import subprocess
+    import sys
+
+    import pandas as pd
+    import yaml
+
+    spec = {"study": "eff", "data": {"name": "digits"}, "model": {"name": "unet", "size": "tiny"},
+            "budget": {"steps": 20, "eval_every": 10, "eval_examples": 32, "batch_size": 16, "n_samples": 4,
+                       "sample_steps": 5, "test_n_t": 4, "quality": None},
+            "sampler": {"name": "random", "seed": 0}, "pruner": {"name": "none"},
+            "structure": {"n_aux": [1], "q_patterns": ["none"], "d_patterns": ["diag"]},
+            "baselines": ["cld"], "n_trials": 2, "workers": 1}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def cli(*args):
+        res = subprocess.run([sys.executable, "-m", "mdmsearch.cli", *args], cwd=tmp_path, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-2000:]
+        return res.stdout
+
+    cli("run", "spec.yaml", "--studies-dir", "studies")
+    status = cli("status", "eff", "--studies-dir", "studies")
+    assert "1 of the 1 learned configuration(s) among the top 2 collapse" in status
+    assert "searched K=1 -> effective K=0: K=0 (x alone" in status
+    rows = tmp_path / "studies" / "leaderboard" / "dataset=digits" / "study=eff"
+    before = pd.read_parquet(rows)[["trial", "eff_n_aux", "eff_structure", "aux_share"]].sort_values("trial")
+    assert before["eff_n_aux"].tolist() == [1, 0]  # trial 0: the CLD baseline
+    for f in rows.glob("*.parquet"):
+        f.unlink()
+    cli("rebuild", "eff", "--studies-dir", "studies")
+    after = pd.read_parquet(rows)[["trial", "eff_n_aux", "eff_structure", "aux_share"]].sort_values("trial")
+    pd.testing.assert_frame_equal(before.reset_index(drop=True), after.reset_index(drop=True))
+    cli("report", "--root", "studies/leaderboard", "--studies-dir", "studies", "--out", "reports")
+    readme = (tmp_path / "reports" / "digits" / "README.md").read_text()
+    assert "Training collapsed 1 of the top 1 learned configurations" in readme
+    assert "## What training made of the structures" in readme and (tmp_path / "reports" / "digits" / "coupling.png").is_file()

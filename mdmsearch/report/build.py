@@ -22,6 +22,7 @@ from ..errors import MDMError
 from . import data as D
 from . import figures as F
 from ..viz import plot_qd
+from .effective import annotate_effective, collapse_sentence, effective_section
 from .quality import quality_section
 from .render import Figure, Report, Section, render_html, render_markdown
 from .studies import StudyInfo, compute_importances, load_study
@@ -141,6 +142,8 @@ def assemble(df, *, root: Path, dataset: str, work: Path, studies_dir: Path, top
     df = D.add_group(df)
     studies = sorted(df["study"].unique())
     table = D.leaderboard_table(df, top)
+    annotate_effective(table, df)  # effective K next to the searched K (report/effective.py)
+    table.sentence = " ".join(s for s in (table.sentence, collapse_sentence(table)) if s)
     ctx = _Ctx(df, table, work, root, dataset, top, multi=len(studies) > 1)
     counts = D.state_counts(df)
     summary = (f"{len(df)} trials in {len(studies)} "
@@ -150,7 +153,7 @@ def assemble(df, *, root: Path, dataset: str, work: Path, studies_dir: Path, top
     table_notes = [] if table.best_learned is not None else ["No learned structure has completed a full run yet."]
     infos: dict[str, StudyInfo] = {s: compute_importances(load_study(studies_dir, s, storage)) for s in studies}
     sections = [_progress_section(ctx), _structure_section(ctx), _importance_section(ctx, infos),
-                _qd_section(ctx), _curves_section(ctx), _samples_section(ctx), quality_section(ctx, _draw)]
+                _qd_section(ctx), effective_section(ctx, _draw), _curves_section(ctx), _samples_section(ctx), quality_section(ctx, _draw)]
     prov = D.provenance(df, {s: i.as_dict() for s, i in infos.items()})
     prov.update(root=str(root.resolve()), curves_root=str(D.curves_root_for(root).resolve()),
                 studies_dir=str(Path(studies_dir).resolve()), generator=__version__)

@@ -208,6 +208,8 @@ class Entry:
     status: str = ""  # "" when completed, else why there is no result
     artifact_dirs: list = field(default_factory=list)  # of the completed runs (one per seed)
     seeds: list = field(default_factory=list)  # the training seed of each artifact dir
+    eff_n_aux: Optional[int] = None  # effective K over its seeds (report/effective.py, docs/math.md section 9)
+    eff_structure: Optional[str] = None  # that seed's effective structure, e.g. "K=0 (x alone, D_xx=0.71)"
     vs_baseline: Optional[StructureComparison] = None  # held-out BPD minus the best baseline's, over seeds
 
     @property

@@ -8,7 +8,7 @@ import html
 from dataclasses import dataclass, field
 from .data import SECONDS_DECIMALS, Entry, Table, fmt_bpd, fmt_comparison, fmt_hyper, fmt_num
 
-TABLE_HEADERS = ("#", "Process", "K", "Q", "D", "Hyperparameters", "Val BPD", "Test BPD", "vs best baseline", "n",
+TABLE_HEADERS = ("#", "Process", "K", "K eff", "Q", "D", "Hyperparameters", "Val BPD", "Test BPD", "vs best baseline", "n",
                  "Steps", "Train s", "Runs", "Config")
 
 
@@ -68,9 +68,10 @@ def table_cells(e: Entry, multi_study: bool) -> list[str]:
         if isinstance(dp, str) and dp not in ("full", "fixed"):
             d += f" ({dp})"
     k = str(e.n_aux) if e.n_aux is not None else "—"
+    k_eff = str(e.eff_n_aux) if e.eff_n_aux is not None else "—"  # what training made of K (docs/math.md sec. 9)
     if not e.complete:
-        return ["—", process, k, q, d, "—", "—", "—", "—", "0", "—", "—", runs_cell(e, multi_study), "—"]
-    return [str(e.rank), process, k, q, d, fmt_hyper(e.hyper), fmt_bpd(e.val_mean, e.val_std),
+        return ["—", process, k, "—", q, d, "—", "—", "—", "—", "0", "—", "—", runs_cell(e, multi_study), "—"]
+    return [str(e.rank), process, k, k_eff, q, d, fmt_hyper(e.hyper), fmt_bpd(e.val_mean, e.val_std),
             fmt_bpd(e.test_mean, e.test_std), fmt_comparison(e.vs_baseline), str(e.n), str(e.steps) if e.steps is not None else "—",
             fmt_num(e.train_seconds, SECONDS_DECIMALS), runs_cell(e, multi_study), e.config]
 
@@ -124,7 +125,7 @@ def _html_table(report: Report) -> str:
     out = ['<div class="tablewrap"><table class="lb" id="leaderboard-table"><thead><tr>']
     out += [f"<th>{_e(h)}</th>" for h in TABLE_HEADERS]
     out.append("</tr></thead><tbody>")
-    numeric = {"#", "K", "Val BPD", "Test BPD", "n", "Steps", "Train s"}
+    numeric = {"#", "K", "K eff", "Val BPD", "Test BPD", "n", "Steps", "Train s"}
     for e in t.rows:
         cls = []
         if e.baseline:
@@ -253,7 +254,7 @@ def render_markdown(report: Report) -> str:
              f"# is the rank among all {len(t.all_entries)} completed configurations; the fixed baselines are "
              "always listed.", "",
              "| " + " | ".join(TABLE_HEADERS) + " |",
-             "|" + "|".join("---:" if h in ("#", "K", "Val BPD", "Test BPD", "n", "Steps", "Train s") else "---"
+             "|" + "|".join("---:" if h in ("#", "K", "K eff", "Val BPD", "Test BPD", "n", "Steps", "Train s") else "---"
                             for h in TABLE_HEADERS) + "|"]
     for e in t.rows:
         cells = table_cells(e, report.multi_study)

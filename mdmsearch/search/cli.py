@@ -204,10 +204,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     study = _existing_study(args)
     info = study_status(study)
     info["structure"] = structure_status(study, args.studies_dir)
+    info["effective"] = effective_status(study, args.studies_dir)
     if args.format == "json":
         sys.stdout.write(json.dumps(info) + "\n")
     else:
-        sys.stdout.write("\n".join(_status_lines(info)) + "\n")
+        sys.stdout.write("\n".join(_status_lines(info) + _effective_lines(info["effective"])) + "\n")
     return 0
 
 
@@ -270,6 +271,59 @@ def structure_status(study, studies_dir: str) -> Optional[dict]:
             "se": None if se != se else float(se), "p_better": float(best["p_better"]), "verdict": best["verdict"]}
 
 
+def effective_status(study, studies_dir: str, top: int = 3) -> Optional[dict]:
+    """What training made of the ``top`` ranked configurations' structures (docs/math.md section 9):
+    each one's searched and effective K, effective structure and auxiliaries' share of the precision
+    about x0, and how many learned ones collapsed (effective K < K).  None without readable rows."""
+    import pandas as pd
+
+    from ..leaderboard import ranked, read_files, with_effective
+    from .rebuild import spec_of
+
+    try:
+        spec = spec_of(study, studies_dir)
+        rows = read_files(spec.leaderboard_root / f"dataset={spec.data.name}" / f"study={study.study_name}",
+                          spec.leaderboard_root)
+    except MDMError:
+        return None
+    rows["dataset"] = spec.data.name
+    view = with_effective(rows, ranked(rows))
+    if view.empty or view["eff_n_aux"].isna().all():
+        return None
+    best = view.head(top)
+    configs = [{"label": r["label"], "n_aux": int(r["n_aux"]),
+                "eff_n_aux": None if pd.isna(r["eff_n_aux"]) else int(r["eff_n_aux"]),
+                "eff_structure": r["eff_structure"],
+                "aux_share": None if pd.isna(r["aux_share"]) else float(r["aux_share"]),
+                "learned": not isinstance(r["baseline"], str)}
+               for r in best.to_dict("records")]
+    learned = [c for c in configs if c["learned"] and c["n_aux"] > 0 and c["eff_n_aux"] is not None]
+    collapsed = [c for c in learned if c["eff_n_aux"] < c["n_aux"]]
+    return {"top": configs, "learned": len(learned), "collapsed": len(collapsed)}
+
+
+def _effective_lines(eff: Optional[dict]) -> list[str]:
+    """The status lines of :func:`effective_status`: a headline when top configurations collapsed,
+    then one line per top configuration, searched K -> effective K."""
+    if not eff:
+        return []
+    n = len(eff["top"])
+    if eff["collapsed"]:
+        lines = [f"what training made of the structures: {eff['collapsed']} of the {eff['learned']} learned "
+                 f"configuration(s) among the top {n} collapse to a smaller effective structure "
+                 "(auxiliaries switched off; see docs/math.md section 9)"]
+    elif eff["learned"]:
+        lines = [f"what training made of the structures (top {n}): every learned one keeps its auxiliaries"]
+    else:
+        lines = [f"what training made of the structures (top {n}):"]
+    for i, c in enumerate(eff["top"], 1):
+        eff_k = "?" if c["eff_n_aux"] is None else c["eff_n_aux"]
+        share = "" if c["aux_share"] is None else f", aux share {c['aux_share']:.3f}"
+        lines.append(f"  {i}. searched K={c['n_aux']} -> effective K={eff_k}: {c['eff_structure']}{share}  "
+                     f"({c['label']})")
+    return lines
+
+
 def confirmation_status(study) -> Optional[dict]:
     """The confirmation on fresh seeds: its result once ended, else the round it is in."""
     from .confirm import describe
@@ -314,14 +368,19 @@ def _status_lines(info: dict) -> list[str]:
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    from ..leaderboard import with_effective
+
     from ..leaderboard import ranked, read_tree
 
     df = read_tree(args.root, args.dataset)
     view = ranked(df)
     if view.empty:
         raise MDMError("no completed trials in the leaderboard yet")
+    view = with_effective(df, view)  # effective K next to the searched K (docs/math.md section 9)
     cols = ["label", "val_bpd", "val_std", "test_bpd", "n", "vs_baseline", "vs_baseline_se", "p_better", "verdict",
             "steps", "train_seconds", "studies", "trials"]
+    if view["eff_n_aux"].notna().any():
+        cols[cols.index("label") + 1:cols.index("label") + 1] = ["n_aux", "eff_n_aux", "eff_structure"]
     if "kid" in view.columns and view["kid"].notna().any():  # sample quality, where trials measured it
         cols.insert(cols.index("steps"), "kid")
     parts = [part.head(args.top) for _, part in view.groupby("dataset")]

@@ -25,7 +25,7 @@ from ..leaderboard import trial_path, write_curve, write_trial
 from .confirm import plan_overrides
 from .lifecycle import Outcome, artifact_dir, row_path
 from .plan import suggest_plan
-from .runner import _base_row, _json, quality_columns
+from .runner import _base_row, _json, coupling_columns, quality_columns
 from .spec import SearchSpec
 from .record import StudyKey, TrialRecord, records, study_get
 
@@ -80,7 +80,8 @@ def row_from_trial(spec: SearchSpec, t: TrialRecord, executor: str) -> dict:
         except (OSError, ValueError) as exc:
             log.warning("trial %d: %s unreadable (%s); row rebuilt from the study only", t.number, metrics_path, exc)
         else:
-            row.update({k: metrics[k] for k in METRIC_KEYS if k in metrics}, **quality_columns(metrics))
+            row.update({k: metrics[k] for k in METRIC_KEYS if k in metrics}, **quality_columns(metrics),
+                       **coupling_columns(metrics))
             row.update(Q=_json(metrics.get("Q")), D=_json(metrics.get("D")))
     return row
 

@@ -221,6 +221,7 @@ def train(run: TrialRun, report: Optional[Callable[[int, dict], None]], study: O
     columns = {k: m[k] for k in ("val_bpd", "val_bpd_se", "test_bpd", "best_val_bpd", "prior_kl_per_dim", "steps",
                                  "train_seconds", "n_params")}
     columns.update(quality_columns(m))
+    columns.update(coupling_columns(m))
     return Ending(Outcome.COMPLETE, values, columns={**columns, "Q": _json(m["Q"]), "D": _json(m["D"])},
                   record={"test_bpd": m["test_bpd"], "steps": m["steps"]})
 
@@ -231,6 +232,15 @@ def quality_columns(metrics: dict) -> dict:
         return {}
     return {"kid": metrics["kid"], "kid_se": metrics.get("kid_se"), "fid": metrics.get("fid"),
             "quality": _json(metrics.get("quality"))}
+
+
+def coupling_columns(metrics: dict) -> dict:
+    """The leaderboard's effective-structure columns from a run's metrics.json (docs/math.md
+    section 9; none for a run written before its coupling was measured)."""
+    c = metrics.get("coupling")
+    if not c:
+        return {}
+    return {"eff_n_aux": c["n_eff"], "eff_structure": c["label"], "aux_share": c["share"], "coupling": _json(c)}
 
 
 def end(run: TrialRun, ending: Ending) -> TrialOutcome:
