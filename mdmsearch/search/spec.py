@@ -143,9 +143,11 @@ class ConfirmSpec(_Strict):
     """Intensification: once the search has its ``n_trials``, the incumbent (the best searched
     configuration by validation BPD), the best baseline and the next best ``top_k - 1`` searched
     configurations are trained again on fresh seeds, one round (one seed each) at a time, as
-    ordinary trials of the same study, until the incumbent's structure verdict against the
-    baseline is decided on the validation split (after at least ``min_seeds`` rounds) or
-    ``seeds`` rounds are done.  A challenger decided worse than the incumbent drops out."""
+    ordinary trials of the same study, until the winner's structure verdict against the
+    baseline is decided on the validation split or ``seeds`` rounds are done.  Looks from
+    ``min_seeds`` on, each at its level of an alpha-spending schedule (search/race.py): an early
+    stop needs p < 0.001, the last look tests at the rest of 0.04.  A challenger decided worse
+    than the incumbent drops out for good; one decided better is confirmed on new seeds."""
 
     seeds: int = Field(0, ge=0, le=20, description="fresh seeds at most per confirmed configuration (0: no confirmation)")
     min_seeds: int = Field(2, ge=2, le=20, description="rounds before a decided verdict may end the confirmation")
