@@ -12,7 +12,7 @@ from . import __version__
 from .compare_cli import add_compare_command
 from .errors import MDMError
 from .logs import setup_logging
-from .preflight import check_writable_dir
+from .preflight import check_quality, check_writable_dir
 from .report.cli import add_report_command
 from .search.cli import add_search_commands
 
@@ -72,6 +72,8 @@ def _train_config(args: argparse.Namespace):
         from .search.promote import trial_run_config  # lazy: optuna costs ~0.12 s, for --from-trial only
 
         data, source = trial_run_config(args.from_trial, args.studies_dir, args.storage)
+    elif getattr(args, "resume", False) and not args.config:
+        data, source = _resumed_config(args.out)
     else:
         data = load_yaml(args.config) if args.config else {}
     flags = {}
@@ -87,14 +89,40 @@ def _train_config(args: argparse.Namespace):
     return parse_run_config(data, source, flags)
 
 
+def _resumed_config(out: str) -> tuple[dict, str]:
+    """The configuration a run directory was trained with (its config.yaml), for ``--resume``
+    without a run config: continuing a run needs no command line but the directory; flags given
+    override what they name (``--steps`` to train longer)."""
+    import yaml
+
+    from .config import upgrade_saved_config  # lazy: pydantic, see _train_config
+    from .training.artifacts import CONFIG_FILE
+
+    path = Path(out) / CONFIG_FILE
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise MDMError(f"--resume: {path} is missing (not a run directory written by `mdmsearch train --out`)") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise MDMError(f"--resume: {path} is unreadable ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise MDMError(f"--resume: {path} is not a run config")
+    return upgrade_saved_config(data), f"{path} (--resume)"
+
+
 def typ_of(flag: str):
     return _TRAIN_FLAGS[flag][2]
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from .training import CHECKPOINT
     from .training.launch import is_main_process, run  # lazy: torch (+ scipy) costs ~2 s on every command
 
+    if args.resume and not (Path(args.out) / CHECKPOINT).is_file():
+        raise MDMError(f"--resume: no checkpoint to resume in {args.out} ({CHECKPOINT} is missing); "
+                       f"leave out --resume to train from scratch")
     config = _train_config(args)
+    check_quality(config.train.quality, config.data, "train.quality")
     check_writable_dir(args.out, "--out")
     metrics = run(config, args.out, resume=args.resume).metrics  # (train.devices processes; no callback stops it)
     keys = ("val_bpd", "test_bpd", "steps", "train_seconds")
@@ -198,7 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train one diffusion (preset or learned structure)")
     p.add_argument("config", nargs="?", help="YAML run config (optional; flags override it), e.g. configs/digits_learned.yaml")
     p.add_argument("--out", required=True, help="output directory (checkpoint, metrics, Q/D, samples)")
-    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint, with the configuration it was trained with "
+                        "(flags override it, e.g. --steps 2000; a run config, if given, replaces it)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (also implied by -q)")
     p.add_argument("--from-trial", default=None, metavar="STUDY/N",
                    help="start from the exact configuration of a search trial (STUDY/N, or STUDY/best for the "

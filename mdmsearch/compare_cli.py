@@ -2,9 +2,12 @@
 their seeds, with its verdict (see :mod:`mdmsearch.compare`).
 
 A and B are comma-separated references: a run directory (written by ``mdmsearch train --out``),
-``STUDY/N`` or ``STUDY/best`` (the run of a search trial), and ``STUDY/N+seeds`` /
-``STUDY/best+seeds`` (that trial and every completed trial of its study with the same
-configuration up to the seed: the leaderboard's ``config_group``).  Each side counts a training
+``STUDY/N``, ``STUDY/best`` or ``STUDY/baseline`` (the run of a trial; best and baseline as
+:mod:`mdmsearch.search.answer` names them), and ``STUDY/N+seeds`` / ``STUDY/best+seeds`` (every
+completed trial of its study with the same configuration up to the seed: the leaderboard's
+``config_group``; only the fresh seeds of the confirmation when it raced the configuration, so that
+``aux3/best+seeds`` vs ``aux3/baseline+seeds`` is the confirmation's selection-free margin;
+``+allseeds`` takes every seed).  Each side counts a training
 seed once (its first run).  Wire it into the main parser with ``add_compare_command(sub)``.
 
 The heavy modules (numpy/scipy, Optuna, pyarrow) are imported in the functions that use them,
@@ -18,8 +21,9 @@ import json
 import logging
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
@@ -28,10 +32,11 @@ from .errors import ConfigError, MDMError
 log = logging.getLogger(__name__)
 
 WHAT = "compare"  # the first word of this command's error lines
-SEEDS_SUFFIX = "+seeds"
+SEEDS_SUFFIX = "+seeds"  # the configuration's seeds: its fresh ones when a confirmation raced it
+ALL_SEEDS_SUFFIX = "+allseeds"  # every seed, those that selected it included
 SPLIT_CHOICES = ("heldout", "val", "test")
 DATA_KEYS = ("name", "seed", "n_val", "n_test", "options")  # the config.yaml data keys that fix the held-out examples
-REF_FORMS = "a run directory, STUDY/N or STUDY/best (optionally +seeds)"
+REF_FORMS = "a run directory, STUDY/N, STUDY/best or STUDY/baseline (optionally +seeds or +allseeds)"
 
 
 @dataclass(frozen=True)
@@ -42,6 +47,8 @@ class Run:
     path: Path
     seed: int
     data: dict = field(compare=False)
+    fresh: bool = field(default=False, compare=False)  # a confirmation trial's run (a fresh seed)
+    level: Optional[float] = field(default=None, compare=False)  # its confirmation's verdict level (winner/baseline)
 
 
 @dataclass(frozen=True)
@@ -64,12 +71,16 @@ def add_compare_command(sub) -> argparse.ArgumentParser:
                                    "structure comparison (not decided with 1 seed).  Otherwise the structure "
                                    "comparison: a t test over training seeds (paired by seed when both sides ran "
                                    "the same seeds, else Welch) and P(A<B) over seeds.")
-    p.add_argument("a", metavar="A", help=f"side A, comma-separated: {REF_FORMS}; +seeds adds every completed "
-                                          "trial of the study with the same configuration up to the seed, "
-                                          "e.g. aux3/best+seeds or runs/a,runs/b")
-    p.add_argument("b", metavar="B", help="side B, the same forms, e.g. base/2+seeds")
-    p.add_argument("--split", choices=SPLIT_CHOICES, default="heldout",
-                   help="held-out examples: heldout (the default: validation then test), val or test")
+    p.add_argument("a", metavar="A", help=f"side A, comma-separated: {REF_FORMS}; +seeds: every completed trial "
+                                          "of the study with the same configuration up to the seed (only its "
+                                          "fresh seeds when the study's confirmation raced it: the seeds that "
+                                          "took no part in selecting it), +allseeds: all of them, e.g. "
+                                          "aux3/best+seeds or runs/a,runs/b")
+    p.add_argument("b", metavar="B", help="side B, the same forms, e.g. aux3/baseline+seeds")
+    p.add_argument("--split", choices=SPLIT_CHOICES, default=None,
+                   help="held-out examples: heldout (validation then test), val or test; default: test when "
+                        "every run is a confirmation's fresh seed (validation decided the race, as the "
+                        "confirmation reports it), else heldout")
     p.add_argument("--format", choices=["text", "json"], default="text", help="text lines or one JSON object")
     p.add_argument("--studies-dir", default="studies",
                    help="where the studies live, for STUDY/N references (default: studies/; leaderboard: "
@@ -84,11 +95,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
     a = resolve_side("A", args.a, args.studies_dir, args.storage)
     b = resolve_side("B", args.b, args.studies_dir, args.storage)
     check_same_data([*a.runs, *b.runs])
-    structure, model = compare_sides(a, b, args.split)
+    runs = (*a.runs, *b.runs)
+    split = args.split or ("test" if all(r.fresh for r in runs) else "heldout")
+    structure, model = compare_sides(a, b, split)
+    levels = {r.level for r in runs}
+    if len(levels) == 1 and None not in levels and split == "test":  # the confirmation's winner vs its baseline
+        structure = replace(structure, alpha=levels.pop())  # ... judged as the confirmation judged it
     if args.format == "json":
-        out = json.dumps(json_doc(a, b, args.split, structure, model), allow_nan=False)
+        out = json.dumps(json_doc(a, b, split, structure, model), allow_nan=False)
     else:
-        out = "\n".join(text_lines(a, b, args.split, structure, model))
+        out = "\n".join(text_lines(a, b, split, structure, model))
     sys.stdout.write(out + "\n")
     return 0
 
@@ -117,33 +133,54 @@ def resolve_ref(ref: str, studies_dir: str | Path, storage) -> list[Run]:
     from .logs import route_optuna
     from .search.promote import parse_trial_ref, resolve_trial
 
-    expand = ref.endswith(SEEDS_SUFFIX)
-    base = ref[: -len(SEEDS_SUFFIX)] if expand else ref
+    suffix = next((s for s in (SEEDS_SUFFIX, ALL_SEEDS_SUFFIX) if ref.endswith(s)), "")
+    base = ref[: len(ref) - len(suffix)]
     try:
         study_name, _ = parse_trial_ref(base, WHAT)
     except ConfigError:
-        raise ConfigError(f"{WHAT} {ref!r}: no such directory, and not STUDY/N or STUDY/best (optionally "
-                          f"+seeds), e.g. aux3/9 or aux3/best+seeds") from None
+        raise ConfigError(f"{WHAT} {ref!r}: no such directory, and not STUDY/N, STUDY/best or STUDY/baseline "
+                          f"(optionally +seeds or +allseeds), e.g. aux3/9 or aux3/best+seeds") from None
     route_optuna()
     trial = resolve_trial(base, studies_dir, storage, WHAT)
-    dirs = [Path(trial.artifact_dir)]
-    if expand:
-        dirs += group_dirs(ref, study_name, trial.number, studies_dir)
-    return [read_run(ref, d) for d in dirs]
+    if not suffix:
+        return [read_run(ref, Path(trial.artifact_dir), fresh=trial.confirm is not None)]
+    members = group_dirs(ref, study_name, trial.number, studies_dir, every=suffix == ALL_SEEDS_SUFFIX)
+    own = [m for m in members if m[0] == Path(trial.artifact_dir)]  # the trial named first (its seed's run counts)
+    return [read_run(ref, d, fresh=f, level=lv) for d, f, lv in own + [m for m in members if m not in own]]
 
 
-def group_dirs(ref: str, study_name: str, number: int, studies_dir: str | Path) -> list[Path]:
-    """The run directories of the other COMPLETE trials of the study whose leaderboard row has
-    trial ``number``'s ``config_group`` (its configuration up to the seed), by trial number."""
+def group_dirs(ref: str, study_name: str, number: int, studies_dir: str | Path,
+               every: bool = False) -> list[tuple[Path, bool, Optional[float]]]:
+    """(run directory, fresh, level) of the COMPLETE trials of the study whose leaderboard row has
+    trial ``number``'s ``config_group`` (its configuration up to the seed), by trial number: only
+    those of the confirmation (fresh seeds) when it raced the configuration, unless ``every``; for
+    the confirmed winner and its baseline, the seeds behind the confirmation's margin, with the
+    level (alpha) of its verdict."""
     rows = study_rows(ref, study_name, studies_dir)
     own = rows.loc[rows["trial"] == number, "config_group"].dropna()
     if own.empty:
         raise MDMError(f"{WHAT} {ref}: trial {number} has no leaderboard row (with a config_group) under "
                        f"{Path(studies_dir) / 'leaderboard'}; write it with "
                        f"`mdmsearch rebuild {study_name} --studies-dir {studies_dir}`")
-    same = rows[(rows["config_group"] == own.iloc[0]) & (rows["state"] == "COMPLETE") & rows["artifact_dir"].notna()
-                & (rows["trial"] != number)].sort_values("trial")
-    return [Path(p) for p in same["artifact_dir"]]
+    same = rows[(rows["config_group"] == own.iloc[0]) & (rows["state"] == "COMPLETE")
+                & rows["artifact_dir"].notna()].sort_values("trial")
+    fresh = same["confirm_round"].notna() if "confirm_round" in same.columns else same["trial"] < 0
+    if not fresh.any() or every:
+        return [(Path(p), bool(f), None) for p, f in zip(same["artifact_dir"], fresh)]
+    same = same[fresh]
+    info = _confirmation(study_name, studies_dir)
+    if own.iloc[0] in ((info.get("winner") or {}).get("group"), (info.get("baseline") or {}).get("group")):
+        same = same[same["seed"].isin(info.get("fresh_seeds") or [])]
+        return [(Path(p), True, (info.get("vs_baseline") or {}).get("alpha")) for p in same["artifact_dir"]]
+    return [(Path(p), True, None) for p in same["artifact_dir"]]
+
+
+def _confirmation(study_name: str, studies_dir: str | Path) -> dict:
+    """The study's ended confirmation as the leaderboard keeps it ({} without one)."""
+    from .leaderboard import read_confirmations
+
+    found = read_confirmations(Path(studies_dir) / "leaderboard")
+    return next((info for (_, study), info in found.items() if study == study_name), {})
 
 
 def study_rows(ref: str, study_name: str, studies_dir: str | Path):
@@ -160,7 +197,7 @@ def study_rows(ref: str, study_name: str, studies_dir: str | Path):
     return pd.concat([read_files(part, root) for part in parts], ignore_index=True)
 
 
-def read_run(ref: str, path: Path) -> Run:
+def read_run(ref: str, path: Path, fresh: bool = False, level: Optional[float] = None) -> Run:
     """A finished run directory: per-example results present, seed and data from config.yaml."""
     from .compare import PER_EXAMPLE_FILE
 
@@ -181,7 +218,7 @@ def read_run(ref: str, path: Path) -> Run:
         raise MDMError(f"{WHAT} {ref}: {config} is not a run config")
     seed = (data.get("train") or {}).get("seed", 0)  # 0: the trainer's default seed
     held_out = {k: (data.get("data") or {}).get(k) for k in DATA_KEYS}
-    return Run(ref, path, int(seed), held_out)
+    return Run(ref, path, int(seed), held_out, fresh, level)
 
 
 def check_same_data(runs: list[Run]) -> None:
@@ -218,7 +255,9 @@ def compare_sides(a: Side, b: Side, split: str):
 def _side_line(side: Side) -> str:
     seeds = ", ".join(str(r.seed) for r in side.runs)
     plural = "s" if len(side.runs) != 1 else ""
-    return f"{side.name}: {', '.join(side.refs)} (seed{plural} {seeds}; {len(side.runs)} run{plural})"
+    fresh = ("; fresh seeds of the confirmation: the seeds that selected it are left out (+allseeds adds them)"
+             if side.runs and all(r.fresh for r in side.runs) and len(side.runs) > 1 else "")
+    return f"{side.name}: {', '.join(side.refs)} (seed{plural} {seeds}; {len(side.runs)} run{plural}{fresh})"
 
 
 def text_lines(a: Side, b: Side, split: str, structure, model) -> list[str]:
@@ -230,7 +269,10 @@ def text_lines(a: Side, b: Side, split: str, structure, model) -> list[str]:
     s = structure
     se, df = (f"{s.se:.4f} (seed-level)", f"{s.df:.1f}") if s.decided else ("n/a", "n/a")
     pairing = "paired by seed" if s.paired_by_seed else "not paired by seed"
-    ci = f" [{s.interval()[0]:+.4f}, {s.interval()[1]:+.4f}] (95% CI)" if s.decided else ""
+    lo, hi = s.interval(s.alpha) if s.decided else (None, None)
+    level = ("95% CI" if s.alpha == 0.05 else
+             f"{100 * (1 - s.alpha):.1f}% CI: the level of the confirmation's verdict, as it reports it")
+    ci = f" [{lo:+.4f}, {hi:+.4f}] ({level})" if s.decided else ""
     lines += [f"structure: {s.diff:+.4f}{ci} bpd, SE {se}, df {df}; {s.n_a} vs {s.n_b} seeds, {pairing}; "
               f"P(A<B) = {s.p_better:.2f}; {s.n_examples} examples per run", f"  verdict (structure): {s.verdict}"]
     return lines

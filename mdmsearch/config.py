@@ -194,6 +194,9 @@ class OptimConfig(_Strict):
     ema: float = Field(0.999, ge=0, lt=1)
 
 
+BUILTIN_FEATURES = ("auto", "classifier", "inception")  # mdmsearch.quality.features registers these
+
+
 class QualityConfig(_Strict):
     """Sample quality at the end of a run (see docs/quality.md): ``n`` samples drawn with
     ``sampler`` at ``nfe`` network evaluations from noise seeded with ``seed`` (the same noise for
@@ -205,6 +208,17 @@ class QualityConfig(_Strict):
     nfe: int = Field(100, gt=0, description="network evaluations per sample (em: one per step; ode, RK4: four)")
     seed: int = 2024
     features: str = "auto"
+
+    @field_validator("features")
+    @classmethod
+    def _known_features(cls, v: str) -> str:
+        if v in BUILTIN_FEATURES:  # (the registry imports torch: asked only for another name)
+            return v
+        from .quality.features import EXTRACTORS
+
+        if v not in EXTRACTORS:
+            raise ValueError(f"unknown features {v!r}; available: {', '.join(sorted(EXTRACTORS))}")
+        return v
 
 
 class TrainConfig(_AddedLater):

@@ -12,19 +12,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .compare import distinct_seeds, vs_reference
+from .compare import ALPHA, compare_structures, distinct_seeds, read_runs, vs_reference
 from .errors import MDMError
 from .io import atomic_write
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5  # 2: parameterization, residual_stats; 3: kid, kid_se, fid, quality;
+SCHEMA_VERSION = 5  # 2: parameterization, residual_stats; 3: kid, kid_se, fid, quality; 4: confirm_round, confirm_role;
 # 5: eff_n_aux, eff_structure, aux_share, coupling
 
 # Column -> arrow type.  Every file has exactly this schema (missing values are null).
@@ -50,6 +52,8 @@ COLUMNS: dict[str, pa.DataType] = {
     "config_group": pa.string(),  # the same without the seed (mean +- std over seeds)
     "duplicate_of": pa.int64(),
     "retry_of": pa.int64(),
+    "confirm_round": pa.int64(),  # a confirmation trial's round (its fresh seed); null for a search trial
+    "confirm_role": pa.string(),  # incumbent | baseline | challenger (confirmation trials only)
     "params": pa.string(),  # JSON of all suggested parameters
     "lr": pa.float64(),
     "process_lr": pa.float64(),
@@ -188,14 +192,65 @@ def mask_json(mask) -> str:
     return json.dumps([[int(v) for v in row] for row in mask])
 
 
-def ranked(df, metric: str = "val_bpd"):
-    """Merged, ranked view: one row per configuration, mean ± std over seeds."""
+CONFIRMATION_FILE = "_confirmation.json"  # beside a study's rows; '_' keeps it out of Parquet readers
+# the ``seeds`` column of the ranked view: which runs a configuration's numbers are over
+FRESH, SEARCH = "fresh", "search"
+TIERS = ("winner", "raced", "searched")  # the ranking rule's tiers, in order (docs/search.md)
+
+
+def confirmation_path(root: str | Path, dataset: str, study: str) -> Path:
+    return _partition(Path(root), dataset, study) / CONFIRMATION_FILE
+
+
+def write_confirmation(root: str | Path, dataset: str, study: str, info: dict) -> Path:
+    """The study's ended confirmation (``{}`` once it is reopened), next to its rows, so that the
+    leaderboard and the report read the same winner as ``status`` without opening the study."""
+    path = confirmation_path(root, dataset, study)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(info, sort_keys=True, default=str)))
+    return path
+
+
+def read_confirmations(root: str | Path, dataset: str | None = None) -> dict:
+    """{(dataset, study): ended confirmation} of the studies under ``root`` that have one; an
+    unreadable file is skipped with a warning (``mdmsearch rebuild`` writes it again)."""
+    out = {}
+    base = Path(root) / f"dataset={dataset}" if dataset else Path(root)
+    for path in sorted(base.rglob(CONFIRMATION_FILE)):
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("skipping unreadable %s (%s); `mdmsearch rebuild STUDY` writes it again", path, exc)
+            continue
+        parts = dict(p.partition("=")[::2] for p in path.relative_to(root).parent.parts if "=" in p)
+        if info.get("winner"):
+            out[(parts.get("dataset", dataset), parts.get("study"))] = info
+    return out
+
+
+def ranked(df, metric: str = "val_bpd", confirmations: dict | None = None):
+    """Merged, ranked view: one row per configuration, mean ± std over seeds.
+
+    The ranking rule, so that a one-seed mean never outranks a confirmed configuration by luck
+    (``confirmations``: :func:`read_confirmations`):
+
+    1. ``winner``: the configurations an ended confirmation chose,
+    2. ``raced``: the other configurations that confirmation trained on fresh seeds
+       (the baseline, the challengers),
+    3. ``searched``: every other configuration.
+
+    Within a tier, by mean ``metric``.  Tiers 1-2 show their fresh-seed numbers (``seeds`` =
+    "fresh": the seeds that took no part in selecting them) and their margin to the confirmation's
+    baseline on the fresh seeds' test split, as the confirmation reports it; ``all_val_bpd`` and
+    ``all_n`` add every seed, the selecting ones included.  Tier 3 shows its search seeds
+    (``seeds`` = "search") and its margin to the best baseline over held-out examples."""
     import pandas as pd
 
     ok = df[(df["state"] == "COMPLETE") & df[metric].notna()].copy()  # duplicates would double-count
     if ok.empty:
         return pd.DataFrame()
     ok["group"] = ok["config_group"]
+    ok["fresh"] = ok["confirm_round"].notna() if "confirm_round" in ok.columns else False
     keys = ["dataset", "config_group"]
     # every run is listed, but replicates are distinct seeds: one seed in two studies counts once
     runs = ok.groupby(keys, dropna=False).agg(
@@ -204,40 +259,107 @@ def ranked(df, metric: str = "val_bpd"):
     ).reset_index()
     ok = distinct_seeds(ok)
     ok["label"] = ok.apply(_label, axis=1)
-    agg = ok.groupby(keys, dropna=False).agg(
+    every = ok.groupby(keys, dropna=False).agg(all_val_bpd=(metric, "mean"), all_n=(metric, "count")).reset_index()
+    raced = ok.groupby(keys, dropna=False)["fresh"].transform("any")
+    shown = ok[ok["fresh"] | ~raced]  # a raced configuration: its fresh seeds only
+    agg = shown.groupby(keys, dropna=False).agg(
         label=("label", "first"), baseline=("baseline", "first"), n_aux=("n_aux", "first"),
         q_pattern=("q_pattern", "first"), d_pattern=("d_pattern", "first"),
         val_bpd=(metric, "mean"), val_std=(metric, "std"), test_bpd=("test_bpd", "mean"),
         test_std=("test_bpd", "std"), n=(metric, "count"), steps=("steps", "max"),
-        train_seconds=("train_seconds", "mean"),
+        train_seconds=("train_seconds", "mean"), fresh=("fresh", "any"),
         **({"kid": ("kid", "mean")} if "kid" in ok.columns else {}),
-    ).reset_index().merge(runs, on=keys, how="left")
-    agg["steps"] = agg["steps"].astype("Int64")
-    agg["n"] = agg["n"].astype("Int64")
-    agg = agg.sort_values(["dataset", "val_bpd"]).reset_index(drop=True)
-    return _vs_best_baseline(ok, agg)
+    ).reset_index().merge(runs, on=keys, how="left").merge(every, on=keys, how="left")
+    agg["label"] = distinct_labels(agg["label"], agg["config_group"])
+    agg["tier"] = [tier_of(ds, g, f, confirmations or {})
+                   for ds, g, f in zip(agg["dataset"], agg["config_group"], agg["fresh"])]
+    agg["seeds"] = [FRESH if f else SEARCH for f in agg["fresh"]]
+    for col in ("steps", "n", "all_n"):
+        agg[col] = agg[col].astype("Int64")
+    agg["_tier"] = agg["tier"].map(TIERS.index)
+    agg = agg.sort_values(["dataset", "_tier", "val_bpd"]).drop(columns=["_tier", "fresh"]).reset_index(drop=True)
+    return _vs_best_baseline(ok, agg, confirmations or {})
 
 
-def _vs_best_baseline(rows, agg):
-    """Adds each configuration's structure comparison with the best baseline of its dataset
-    (held-out BPD over seeds, see compare.py): ``vs_baseline``, ``vs_baseline_se`` (the seed-level
-    SE; NaN with one seed), ``p_better`` (P(config < baseline) over seeds) and ``verdict``
-    ("not decided (1 seed)" unless both have >= 2 seeds)."""
-    comps = {}
-    for dataset, part in rows[rows["artifact_dir"].notna()].groupby("dataset", dropna=False):
-        groups = {g: list(zip(runs["seed"], runs["artifact_dir"])) for g, runs in part.groupby("config_group")}
-        base = agg[(agg["dataset"] == dataset) & agg["baseline"].notna()]
-        if not base.empty:  # agg is sorted: the first baseline is the best one
-            comps.update({(dataset, g): c for g, c in vs_reference(groups, base.iloc[0]["config_group"]).items()})
-    diffs, ses, probs, words = [], [], [], []
+def _vs_best_baseline(rows, agg, confirmations: dict):
+    """Adds each configuration's structure comparison with its reference baseline (see
+    :func:`ranked`; compare.py): ``vs_baseline``, ``vs_baseline_se`` (the seed-level SE; NaN with one
+    seed), ``ci_low``/``ci_high`` (its interval at the verdict's level ``ci_level``: 0.95, or a race's look's), ``p_better`` (P(config < baseline) over seeds),
+    ``verdict`` ("not decided (1 seed)" unless both have >= 2 seeds) and ``margin_on`` (which runs
+    and split)."""
+    comps, on = {}, {}
+    with_runs = rows[rows["artifact_dir"].notna()]
+    for dataset, part in with_runs.groupby("dataset", dropna=False):
+        groups = {g: list(zip(r["seed"], r["artifact_dir"])) for g, r in part[~part["fresh"]].groupby("config_group")}
+        fresh_runs = {g: list(zip(r["seed"], r["artifact_dir"])) for g, r in part[part["fresh"]].groupby("config_group")}
+        mine = agg[agg["dataset"] == dataset]
+        base = mine[mine["baseline"].notna() & (mine["tier"] != TIERS[0])]
+        confirmed_base = confirmed_baselines(dataset, confirmations)
+        reference = next((g for g in base["config_group"] if g in confirmed_base), None)
+        if reference is None and not base.empty:
+            reference = base.sort_values("val_bpd").iloc[0]["config_group"]
+        if reference is None:
+            continue
+        fresh = set(mine[mine["seeds"] == FRESH]["config_group"])
+        info = next((i for (ds, _), i in confirmations.items() if ds == dataset and i["baseline"]["group"] == reference),
+                    None)
+        for g, (comp, where) in margins(groups, fresh_runs, reference, fresh, info).items():
+            comps[(dataset, g)], on[(dataset, g)] = comp, where
+    cols: dict[str, list] = {k: [] for k in ("vs_baseline", "vs_baseline_se", "ci_low", "ci_high", "ci_level", "p_better")}
+    words, where = [], []
     for rec in agg.to_dict("records"):
         comp = comps.get((rec["dataset"], rec["config_group"]))
-        diffs.append(comp.diff if comp else None)
-        ses.append(comp.se if comp and comp.decided else None)
-        probs.append(comp.p_better if comp else None)
+        lo, hi = interval95(comp)
+        for k, v in zip(cols, (comp.diff if comp else None, comp.se if comp and comp.decided else None, lo, hi,
+                               1 - comp.alpha if lo is not None else None, comp.p_better if comp else None)):
+            cols[k].append(v)
         words.append(comp.verdict if comp else None)
-    return agg.assign(vs_baseline=pd_float(diffs), vs_baseline_se=pd_float(ses), p_better=pd_float(probs),
-                      verdict=words)
+        where.append(on.get((rec["dataset"], rec["config_group"])) if comp else None)
+    return agg.assign(**{k: pd_float(v) for k, v in cols.items()}, verdict=words, margin_on=where)
+
+
+def margins(search_runs: dict, fresh_runs: dict, reference: str, fresh: set, confirmation: dict | None = None) -> dict:
+    """{group: (StructureComparison or None, what it is over)} against the ``reference`` group,
+    the one rule of the leaderboard and the report: a configuration the confirmation raced
+    (``fresh``) over its fresh seeds' test split, as the confirmation reports its winner (the
+    seeds that selected it left out; validation decided the race), at the level of the
+    confirmation's last look; the winner exactly as ``confirmation`` (its stored result) measured
+    it: over the same seeds, at the same level.  Any other configuration over the search's seeds
+    and held-out examples (paired with the reference where they share seeds).  ``*_runs`` map a
+    group to [(seed, run directory)]."""
+    out = {g: (c, f"{SEARCH} seeds, held-out") for g, c in vs_reference(search_runs, reference).items()
+           if g not in fresh}
+    info = confirmation or {}
+    level = (info.get("vs_baseline") or {}).get("alpha") or ALPHA
+    winner = (info.get("winner") or {}).get("group")
+    for g in fresh:
+        runs, ref = fresh_runs.get(g, []), fresh_runs.get(reference, [])
+        if g == winner and info.get("fresh_seeds"):  # the seeds behind the confirmation's margin
+            keep = set(info["fresh_seeds"])
+            runs, ref = [r for r in runs if r[0] in keep], [r for r in ref if r[0] in keep]
+        comp = compare_structures(read_runs(runs, split="test"), read_runs(ref, split="test"))
+        out[g] = (replace(comp, alpha=level) if comp else None, f"{FRESH} seeds, test")
+    return out
+
+
+def tier_of(dataset: str, group: str, fresh: bool, confirmations: dict) -> str:
+    """The ranking rule's tier of a configuration (see :func:`ranked`)."""
+    if any(ds == dataset and info["winner"]["group"] == group for (ds, _), info in confirmations.items()):
+        return TIERS[0]
+    return TIERS[1] if fresh else TIERS[2]
+
+
+def confirmed_baselines(dataset: str, confirmations: dict) -> set:
+    """The groups of the baselines the dataset's confirmations measured their winners against."""
+    return {info["baseline"]["group"] for (ds, _), info in confirmations.items() if ds == dataset}
+
+
+def interval95(comp) -> tuple:
+    """The interval of a structure comparison at its verdict's level (95% unless a race's look
+    decided at another), (None, None) when it is not decided."""
+    if comp is None or not comp.decided:
+        return None, None
+    return comp.interval(comp.alpha)
 
 
 def pd_float(values):
@@ -246,14 +368,65 @@ def pd_float(values):
     return pd.array([float("nan") if v is None else v for v in values], dtype="float64")
 
 
+# trial parameters that are structure (in the label's first part) or the seed (not a configuration's)
+_NOT_HYPER = ("n_aux", "q_pattern", "d_pattern", "d_param", "learn", "seed")
+_PER_ENTRY = re.compile(r"^[ql]_\d+$")  # per-entry structure dimensions q_ij / l_ij (in the masks)
+
+
+_HYPER_COLUMNS = ("lr", "process_lr", "gamma", "beta_1", "time_sampler")  # rows without their parameters
+
+
+def _hyper_text(fields: Any) -> str:
+    """``lr=0.002 process_lr=0.03 time_sampler=adaptive``: the searched hyperparameters of a
+    configuration (its trial parameters ``params``, a dict or its JSON), sorted by name; for a row
+    without them, its hyperparameter columns."""
+    params = fields.get("params")
+    if isinstance(params, str):
+        try:
+            params = json.loads(params)
+        except ValueError:
+            params = None
+    if not isinstance(params, dict):
+        params = {k: fields.get(k) for k in _HYPER_COLUMNS
+                  if isinstance(fields.get(k), str) or (isinstance(fields.get(k), float) and math.isfinite(fields[k]))}
+    items = sorted((k, v) for k, v in params.items() if k not in _NOT_HYPER and not _PER_ENTRY.match(k))
+    return " ".join(f"{k}={v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k}={v}"
+                    for k, v in items)
+
+
+def config_label(fields: Any) -> str:
+    """The one label of a configuration, everywhere (run and status lines, leaderboard, report):
+    its structure, then the hyperparameters its study searched, e.g.
+    ``learned K=3 Q:chain D:diag/cholesky (lr=0.002 process_lr=0.03 time_sampler=adaptive)`` or
+    ``VPSDE (lr=0.002 time_sampler=vp)``.  ``fields``: a leaderboard row or any mapping with
+    baseline, n_aux, q_pattern, d_pattern, d_param and params.  Two configurations of one study
+    differ in a structure field or a searched parameter, so their labels differ;
+    :func:`distinct_labels` settles what is left (studies that fixed other values)."""
+    get = fields.get
+    baseline = get("baseline")
+    if isinstance(baseline, str) and baseline:
+        head = baseline.upper()
+    else:
+        d_param = get("d_param")
+        d = f"D:{get('d_pattern')}" + (f"/{d_param}" if isinstance(d_param, str) and d_param else "")
+        head = f"learned K={int(get('n_aux'))} Q:{get('q_pattern')} {d}"
+        if get("learn") is not None and get("learn") in (False,):  # (numpy's False too; NaN is not)
+            head += " fixed"
+    hyper = _hyper_text(fields)
+    return f"{head} ({hyper})" if hyper else head
+
+
+def distinct_labels(labels: Iterable[str], groups: Iterable[str]) -> list[str]:
+    """Labels that two configuration groups share get the group's short hash: ``... #a1b2c3``."""
+    labels, groups = list(labels), list(groups)
+    owners: dict[str, set] = {}
+    for lab, g in zip(labels, groups):
+        owners.setdefault(lab, set()).add(g)
+    return [f"{lab} #{str(g)[:6]}" if len(owners[lab]) > 1 else lab for lab, g in zip(labels, groups)]
+
+
 def _label(row) -> str:
-    hyper = f"lr={row['lr']:g} plr={row['process_lr']:g} gamma={row['gamma']:g} t~{row['time_sampler']}"
-    par = row.get("parameterization")
-    if isinstance(par, str):
-        hyper += f" {par}" + (f"/{row['residual_stats']}" if isinstance(row.get("residual_stats"), str) else "")
-    if isinstance(row.get("baseline"), str) and row["baseline"]:
-        return f"{row['baseline'].upper()} ({hyper})"
-    return f"learned K={int(row['n_aux'])} Q:{row['q_pattern']} D:{row['d_pattern']}/{row['d_param']} ({hyper})"
+    return config_label(row)
 
 
 def with_effective(rows, view):

@@ -6,8 +6,9 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from .errors import ConfigError
 
@@ -52,6 +53,19 @@ def options(args) -> dict:
     """The logging options of parsed CLI args, to hand to worker processes."""
     return {"verbose": bool(getattr(args, "verbose", False)), "quiet": bool(getattr(args, "quiet", False)),
             "log_file": getattr(args, "log_file", None)}
+
+
+@contextmanager
+def quieter(name: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Logger ``name`` says only ``level`` and above inside the block (a check before anything is
+    created loads data, and an error it then raises must stay the only line)."""
+    logger = logging.getLogger(name)
+    before = logger.level
+    logger.setLevel(max(level, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 def route_optuna() -> None:

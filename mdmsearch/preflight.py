@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import ConfigError, MDMError
+from .logs import quieter
 
 JOURNAL_PREFIX = "journal:"
 JOURNAL_SUFFIXES = (".log", ".jsonl", ".journal")
@@ -190,8 +191,28 @@ def check_search(spec, flags: dict[str, bool]):
     check_writable_dir(spec.studies_dir, name("studies_dir", "--studies-dir"))
     if spec.leaderboard_dir:
         check_writable_dir(spec.leaderboard_dir, "leaderboard_dir")
+    check_quality(spec.budget.quality, spec.data, "budget.quality")
     check_dataset(spec)
     return spec if spec.storage is None else spec.model_copy(update={"storage": url})
+
+
+def check_quality(quality, data, what: str) -> None:
+    """The sample-quality features can be computed here (before any training: a missing Inception
+    file must not cost a whole run); ``quality`` a QualityConfig or None, ``data`` a DataConfig."""
+    if quality is None:
+        return
+    from .data import load_cached
+    from .quality.features import check_features
+
+    try:
+        with quieter("mdmsearch.data"):  # (a missing dataset is check_dataset's line, below)
+            channels = load_cached(data).shape[0] if quality.features == "auto" else None
+    except (MDMError, OSError, ValueError, RuntimeError):
+        return
+    try:
+        check_features(quality.features, channels)
+    except MDMError as exc:
+        raise ConfigError(f"{what}.features {quality.features}: {_first_line(exc)}") from None
 
 
 def check_dataset(spec) -> None:

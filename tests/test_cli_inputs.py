@@ -5,6 +5,7 @@ the parametrized test checks one case each."""
 
 import importlib.util
 import os
+import socket
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,13 @@ NO_DRIVER = next(u for u in ("postgresql://u:secret@localhost/db", "mssql+pyodbc
                              "oracle+oracledb://u:secret@localhost/db")
                  if importlib.util.find_spec({"postgresql": "psycopg", "mssql+pyodbc": "pyodbc",
                                               "oracle+oracledb": "oracledb"}[u.split(":")[0]]) is None)
+
+# a port that accepts connections and never answers (not a Ray head), open while the module runs
+SILENT = socket.socket()
+SILENT.bind(("127.0.0.1", 0))
+SILENT.listen(16)
+SILENT_ADDRESS = f"127.0.0.1:{SILENT.getsockname()[1]}"
+QUALITY_SPEC = SPEC.replace("budget: {steps: 2, eval_every: 1}", "budget: {steps: 2, eval_every: 1, quality: {features: %s}}")
 
 # id -> (files to write {name: text}, argv, text the one line must contain)
 CASES = {
@@ -45,6 +53,8 @@ CASES = {
                                "--address headnode: expected HOST:PORT"),
     "flag-address-refused": ({"s.yaml": SPEC}, ["run", "s.yaml", "--executor", "ray", "--address", "127.0.0.1:9"],
                              "--address 127.0.0.1:9: cannot reach a Ray cluster there"),
+    "flag-address-silent": ({"s.yaml": SPEC}, ["run", "s.yaml", "--executor", "ray", "--address", SILENT_ADDRESS],
+                            f"--address {SILENT_ADDRESS}: no Ray cluster answered within"),
     "flag-not-an-int": ({"s.yaml": SPEC}, ["run", "s.yaml", "--n-trials", "abc"], "invalid int value: 'abc'"),
     "flag-address-without-ray": ({"s.yaml": SPEC}, ["run", "s.yaml", "--address", "auto"], "--address auto: only with"),
     # storage
@@ -90,6 +100,18 @@ CASES = {
     "train-duplicate-key": ({"r.yaml": RUN_CONFIG + "train: {steps: 3}\n"}, ["train", "r.yaml", "--out", "o"],
                             "duplicate key 'train'"),
     "train-out-under-file": ({"f": ""}, ["train", "--out", "f/o", "--steps", "1"], "--out f/o"),
+    "train-resume-no-checkpoint": ({}, ["train", "--out", "o", "--resume"], "--resume: no checkpoint to resume in o"),
+    "train-resume-empty-dir": ({"o/keep": ""}, ["train", "--out", "o", "--resume", "--steps", "5"],
+                               "--resume: no checkpoint to resume in o"),
+    "train-quality-unknown-features": ({"r.yaml": "train: {steps: 2, quality: {features: resnet9000}}\n"},
+                                       ["train", "r.yaml", "--out", "o"], "unknown features 'resnet9000'"),
+    "train-quality-no-inception-weights": ({"r.yaml": "train: {steps: 2, quality: {features: inception}}\n"},
+                                           ["train", "r.yaml", "--out", "o"],
+                                           "train.quality.features inception: Inception-v3 weights not found"),
+    "spec-quality-unknown-features": ({"s.yaml": QUALITY_SPEC % "resnet9000"}, ["run", "s.yaml"],
+                                      "unknown features 'resnet9000'"),
+    "spec-quality-no-inception-weights": ({"s.yaml": QUALITY_SPEC % "inception"}, ["run", "s.yaml"],
+                                          "budget.quality.features inception: Inception-v3 weights not found"),
     "train-mnist-missing": ({"empty/keep": ""}, ["train", "--out", "o", "--dataset", "mnist", "--data-dir", "empty"],
                             "mnist: no local files"),
 }
@@ -107,7 +129,10 @@ def _run_case(base: Path, name: str) -> dict:
         (cwd / rel).parent.mkdir(parents=True, exist_ok=True)
         (cwd / rel).write_text(text)
     before = _tree(cwd)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MDMSEARCH_DATA": str(cwd / "empty")}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MDMSEARCH_DATA": str(cwd / "empty"),
+           # no Inception weights where mdmsearch and torch look (read only; nothing is created there)
+           "MDMSEARCH_CACHE": str(cwd / "no-cache"), "TORCH_HOME": str(cwd / "no-torch-home")}
+    env.pop("MDMSEARCH_INCEPTION_WEIGHTS", None)
     proc = subprocess.run([sys.executable, "-m", "mdmsearch.cli", *argv], capture_output=True, text=True,
                           cwd=cwd, env=env, timeout=300)
     return {"rc": proc.returncode, "stderr": proc.stderr, "stdout": proc.stdout, "new": _tree(cwd) - before}

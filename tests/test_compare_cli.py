@@ -302,7 +302,7 @@ def test_from_trial_messages_are_unchanged(studies):
         trial_run_config("nope/best", root)
     with pytest.raises(ConfigError, match=r"^--from-trial s1/8: study 's1' has trials 0\.\.7$"):
         trial_run_config("s1/8", root)
-    with pytest.raises(ConfigError, match=r"^--from-trial 'aux3': expected STUDY/N \(a trial number\) or STUDY/best"):
+    with pytest.raises(ConfigError, match=r"^--from-trial 'aux3': expected STUDY/N \(a trial number\), STUDY/best or STUDY/baseline"):
         parse_trial_ref("aux3")
     _, where = trial_run_config("s1/best", root)
     assert where == "trial 0 of study s1 (val_bpd 3.0000)"
@@ -327,7 +327,7 @@ def bad_runs(tmp_path_factory):
     ("s1/0", "BAD/short", "the runs cover different heldout examples"),
     ("s1/best,BAD/moons", "s1/2", "evaluated different held-out examples (data name 'digits' vs 'moons')"),
     ("s1/0", "BAD/noconfig", "config.yaml is missing"),
-    ("s1/0", "no-such-run", "compare 'no-such-run': no such directory, and not STUDY/N or STUDY/best"),
+    ("s1/0", "no-such-run", "compare 'no-such-run': no such directory, and not STUDY/N, STUDY/best or STUDY/baseline"),
     ("s2/0+seeds", "s1/0", "compare s2/0+seeds: no leaderboard rows of study 's2' under "),
     ("s1/0", " , ", "compare: side B names no run"),
 ])

@@ -426,10 +426,10 @@ def test_time_budget_stops_asking_new_ray_trials(tmp_path):
 @needs_ray
 def test_a_cluster_address_that_never_answers_is_one_line_within_the_connect_timeout(tmp_path):
     """A port that accepts connections and says nothing (not a Ray head): ``ray.init`` would wait
-    for ever; the run ends with one line after CONNECT_TIMEOUT_S, exit 2, no study created."""
+    for ever; the run ends with one line after PROBE_TIMEOUT_S, exit 2, no study created."""
     import socket
 
-    from mdmsearch.search.ray_executor import CONNECT_TIMEOUT_S
+    from mdmsearch.search.ray_executor import CONNECT_TIMEOUT_S, PROBE_TIMEOUT_S
 
     ray_tmp = _ray_tmpdir()
     with socket.socket() as silent:
@@ -445,6 +445,7 @@ def test_a_cluster_address_that_never_answers_is_one_line_within_the_connect_tim
             shutil.rmtree(ray_tmp, ignore_errors=True)
     lines = res.stderr.strip().splitlines()
     assert res.returncode == 2, res.stderr[-3000:]
-    assert lines[-1] == (f"mdmsearch: error: --address {address}: no Ray cluster answered within "
-                         f"{CONNECT_TIMEOUT_S} s")
+    # the gRPC handshake probe answers first (before ray.init): one line, nothing of Ray's own
+    assert lines == [f"mdmsearch: error: --address {address}: no Ray cluster answered within {PROBE_TIMEOUT_S} s "
+                     f"(the port accepts connections but says nothing)"], res.stderr[-3000:]
     assert not (tmp_path / "studies").exists()

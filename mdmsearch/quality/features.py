@@ -17,9 +17,9 @@ import torch
 from mdmsearch.data.base import DataBundle
 from mdmsearch.quality.base import QualityError, check_image_data
 from mdmsearch.quality.classifier import get_classifier
-from mdmsearch.quality.inception import get_inception
+from mdmsearch.quality.inception import check_inception, get_inception
 
-__all__ = ["FeatureExtractor", "EXTRACTORS", "AUTO_BY_CHANNELS", "register_extractor", "get_extractor"]
+__all__ = ["FeatureExtractor", "EXTRACTORS", "AUTO_BY_CHANNELS", "check_features", "register_extractor", "get_extractor"]
 
 
 class FeatureExtractor(Protocol):
@@ -60,6 +60,18 @@ def _auto(data: DataBundle, device: Optional[torch.device] = None) -> FeatureExt
         raise QualityError(f"features='auto' has no choice for {data.shape[0]}-channel images ({data.name!r}); "
                            f"pick one of {', '.join(sorted(set(EXTRACTORS) - {'auto'}))}")
     return EXTRACTORS[choice](data, device)
+
+
+def check_features(name: str, channels: Optional[int]) -> str:
+    """Before any training: the extractor ``name`` resolves (``auto`` by the data's ``channels``)
+    and what it needs is here (Inception: torch-fidelity and the weights file, offline).  Returns
+    the resolved name; one-line QualityError otherwise."""
+    if name not in EXTRACTORS:
+        raise QualityError(f"unknown features {name!r}; available: {', '.join(sorted(EXTRACTORS))}")
+    resolved = AUTO_BY_CHANNELS.get(channels, name) if name == "auto" else name
+    if resolved == "inception":
+        check_inception()
+    return resolved
 
 
 def get_extractor(name: str, data: DataBundle, device: Optional[torch.device] = None) -> FeatureExtractor:

@@ -63,6 +63,13 @@ def _import_extractor() -> type:
     return FeatureExtractorInceptionV3
 
 
+def check_inception() -> Path:
+    """Inception features can be computed here: torch-fidelity imports and the weights file exists
+    (checked before a run trains, so that a missing file costs no training); its path."""
+    _import_extractor()
+    return inception_weights_path()
+
+
 def _to_rgb255(pixels: torch.Tensor, levels: int) -> torch.Tensor:
     """Integer pixels [B, C, H, W] in [0, levels-1] -> uint8 [B, 3, H, W] in [0, 255] (gray repeated)."""
     x = torch.round(pixels.to(torch.float32) * (255.0 / (levels - 1))).clamp(0, 255).to(torch.uint8)

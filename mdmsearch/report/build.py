@@ -19,6 +19,9 @@ from typing import Callable, Optional
 
 from .. import __version__
 from ..errors import MDMError
+from ..leaderboard import read_confirmations
+from ..search.confirm import headline
+from ..search.record import StudyKey, study_get
 from . import data as D
 from . import figures as F
 from ..viz import plot_qd
@@ -141,7 +144,11 @@ def assemble(df, *, root: Path, dataset: str, work: Path, studies_dir: Path, top
     """The report's model: summary, ranked table and one section per question a reader asks."""
     df = D.add_group(df)
     studies = sorted(df["study"].unique())
-    table = D.leaderboard_table(df, top)
+    infos: dict[str, StudyInfo] = {s: compute_importances(load_study(studies_dir, s, storage)) for s in studies}
+    confirmations = _confirmations(root, dataset, infos)
+    table = D.leaderboard_table(df, top, confirmations, dataset)
+    table.headlines = [f"{study}: {headline(info)}" if len(studies) > 1 else headline(info)
+                       for (_, study), info in sorted(confirmations.items())]
     annotate_effective(table, df)  # effective K next to the searched K (report/effective.py)
     table.sentence = " ".join(s for s in (table.sentence, collapse_sentence(table)) if s)
     ctx = _Ctx(df, table, work, root, dataset, top, multi=len(studies) > 1)
@@ -151,7 +158,6 @@ def assemble(df, *, root: Path, dataset: str, work: Path, studies_dir: Path, top
                + ", ".join(f"{v} {k.lower()}" for k, v in counts.items()) + f"; {len(table.all_entries)} "
                f"configurations completed, ranked below.")
     table_notes = [] if table.best_learned is not None else ["No learned structure has completed a full run yet."]
-    infos: dict[str, StudyInfo] = {s: compute_importances(load_study(studies_dir, s, storage)) for s in studies}
     sections = [_progress_section(ctx), _structure_section(ctx), _importance_section(ctx, infos),
                 _qd_section(ctx), effective_section(ctx, _draw), _curves_section(ctx), _samples_section(ctx), quality_section(ctx, _draw)]
     prov = D.provenance(df, {s: i.as_dict() for s, i in infos.items()})
@@ -160,6 +166,17 @@ def assemble(df, *, root: Path, dataset: str, work: Path, studies_dir: Path, top
     generated = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     return Report(dataset=dataset, generated_at=generated, summary=summary, table=table, multi_study=ctx.multi,
                   sections=sections, provenance=prov, table_notes=table_notes)
+
+
+def _confirmations(root: Path, dataset: str, infos: dict[str, StudyInfo]) -> dict:
+    """The ended confirmations of the dataset's studies: the files beside their rows, else (a
+    study confirmed before the file was written) the study's own record."""
+    found = read_confirmations(root, dataset)
+    for name, info in infos.items():
+        stored = study_get(info.study, StudyKey.CONFIRMATION) if info.study is not None else None
+        if (dataset, name) not in found and stored and stored.get("winner"):
+            found[(dataset, name)] = stored
+    return found
 
 
 def _progress_section(ctx: _Ctx) -> Section:

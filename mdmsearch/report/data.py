@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..compare import TIE, StructureComparison, distinct_seeds, vs_reference
+from ..compare import ALPHA, TIE, StructureComparison, distinct_seeds
+from ..leaderboard import TIERS, config_label, confirmed_baselines, distinct_labels, interval95, margins, tier_of
 from ..errors import MDMError
 
 log = logging.getLogger(__name__)
@@ -177,8 +178,8 @@ def add_group(df):
     """Adds ``group`` (configuration up to the seed) and ``label`` columns (copy)."""
     df = df.copy()
     df["group"] = [_group_key(r) for r in df.to_dict("records")] if len(df) else []
-    df["label"] = [structure_label(r.get("baseline"), r.get("n_aux"), r.get("q_pattern"), r.get("d_pattern"),
-                                   r.get("d_param"), r.get("learn")) for r in df.to_dict("records")] if len(df) else []
+    # the leaderboard's label (structure + searched hyperparameters): one label per configuration
+    df["label"] = distinct_labels([config_label(r) for r in df.to_dict("records")], df["group"]) if len(df) else []
     df["is_baseline"] = [text(b) is not None for b in df["baseline"]] if len(df) else []
     return df
 
@@ -210,7 +211,13 @@ class Entry:
     seeds: list = field(default_factory=list)  # the training seed of each artifact dir
     eff_n_aux: Optional[int] = None  # effective K over its seeds (report/effective.py, docs/math.md section 9)
     eff_structure: Optional[str] = None  # that seed's effective structure, e.g. "K=0 (x alone, D_xx=0.71)"
-    vs_baseline: Optional[StructureComparison] = None  # held-out BPD minus the best baseline's, over seeds
+    vs_baseline: Optional[StructureComparison] = None  # held-out BPD minus the reference baseline's, over seeds
+    margin_on: Optional[str] = None  # the runs and split of ``vs_baseline`` (leaderboard.margins)
+    tier: str = TIERS[2]  # the ranking rule's tier (leaderboard.ranked): winner | raced | searched
+    fresh: bool = False  # the numbers are over the confirmation's fresh seeds only
+    search_runs: list = field(default_factory=list)  # [(seed, artifact dir)] of the search's seeds
+    all_val_mean: float = float("nan")  # every seed, the selecting ones included
+    all_n: int = 0
 
     @property
     def complete(self) -> bool:
@@ -221,33 +228,49 @@ class Entry:
         return self.group or "—"
 
 
-def aggregate(df) -> list[Entry]:
-    """Completed configurations ranked by mean validation BPD (over seeds)."""
+def aggregate(df, confirmations: Optional[dict] = None, dataset: Optional[str] = None) -> list[Entry]:
+    """Completed configurations ranked as the leaderboard ranks them (:func:`mdmsearch.leaderboard.ranked`):
+    confirmed winners, then the configurations the confirmation raced (both over their fresh seeds
+    only), then the others (over the search's seeds), each tier by mean validation BPD."""
     if "group" not in df.columns:
         df = add_group(df)
-    ok = distinct_seeds(df[(df["state"] == "COMPLETE") & df["val_bpd"].notna()])  # replicates = distinct seeds
-    entries: list[Entry] = []
-    for gid, part in ok.groupby("group", sort=False):
-        rep = part.loc[part["val_bpd"].idxmin()].to_dict()
-        val, test = part["val_bpd"].astype(float), part["test_bpd"].astype(float)
-        entries.append(Entry(
-            label=rep["label"], baseline=text(rep.get("baseline")), group=gid,
-            n_aux=int(rep["n_aux"]) if finite(rep.get("n_aux")) else None,
-            q_pattern=text(rep.get("q_pattern")), d_pattern=text(rep.get("d_pattern")),
-            hyper=hyper_params(rep.get("params")),
-            val_mean=float(val.mean()), val_std=float(val.std()) if len(val) > 1 else float("nan"),
-            test_mean=float(test.mean()) if test.notna().any() else float("nan"),
-            test_std=float(test.std()) if test.notna().sum() > 1 else float("nan"),
-            n=int(val.count()), steps=int(part["steps"].max()) if part["steps"].notna().any() else None,
-            train_seconds=float(part["train_seconds"].mean()) if part["train_seconds"].notna().any() else float("nan"),
-            trials=[(str(s), int(t)) for s, t in zip(part["study"], part["trial"])], rep=rep,
-            artifact_dirs=[p for p in part["artifact_dir"] if text(p)] if "artifact_dir" in part else [],
-            seeds=[int(sd) for sd, p in zip(part["seed"], part["artifact_dir"]) if text(p)]
-            if "artifact_dir" in part and "seed" in part else []))
-    entries.sort(key=lambda e: (e.val_mean, e.label))
+    ok = distinct_seeds(df[(df["state"] == "COMPLETE") & df["val_bpd"].notna()]).copy()  # replicates = distinct seeds
+    ok["fresh"] = ok["confirm_round"].notna() if "confirm_round" in ok.columns else False
+    entries = [_entry(part, confirmations or {}, dataset) for _, part in ok.groupby("group", sort=False)]
+    entries.sort(key=lambda e: (TIERS.index(e.tier), e.val_mean, e.label))
     for i, e in enumerate(entries, 1):
         e.rank = i
     return entries
+
+
+def _runs(part) -> list:
+    if "artifact_dir" not in part or "seed" not in part:
+        return []
+    return [(int(sd), p) for sd, p in zip(part["seed"], part["artifact_dir"]) if text(p)]
+
+
+def _entry(every, confirmations: dict, dataset: Optional[str]) -> Entry:
+    """One configuration's entry: a raced one shows its fresh seeds, any other its search seeds."""
+    fresh = bool(every["fresh"].any())
+    part = every[every["fresh"]] if fresh else every
+    rep = part.loc[part["val_bpd"].idxmin()].to_dict()
+    val, test = part["val_bpd"].astype(float), part["test_bpd"].astype(float)
+    group = text(rep.get("config_group"))
+    return Entry(
+        label=rep["label"], baseline=text(rep.get("baseline")), group=rep["group"],
+        n_aux=int(rep["n_aux"]) if finite(rep.get("n_aux")) else None,
+        q_pattern=text(rep.get("q_pattern")), d_pattern=text(rep.get("d_pattern")),
+        hyper=hyper_params(rep.get("params")),
+        val_mean=float(val.mean()), val_std=float(val.std()) if len(val) > 1 else float("nan"),
+        test_mean=float(test.mean()) if test.notna().any() else float("nan"),
+        test_std=float(test.std()) if test.notna().sum() > 1 else float("nan"),
+        n=int(val.count()), steps=int(part["steps"].max()) if part["steps"].notna().any() else None,
+        train_seconds=float(part["train_seconds"].mean()) if part["train_seconds"].notna().any() else float("nan"),
+        trials=[(str(s), int(t)) for s, t in zip(part["study"], part["trial"])], rep=rep,
+        artifact_dirs=[p for _, p in _runs(part)], seeds=[sd for sd, _ in _runs(part)],
+        tier=tier_of(dataset if dataset is not None else text(rep.get("dataset")), group, fresh, confirmations),
+        fresh=fresh, search_runs=_runs(every[~every["fresh"]]),
+        all_val_mean=float(every["val_bpd"].astype(float).mean()), all_n=int(every["val_bpd"].count()))
 
 
 def _baseline_status(rows) -> str:
@@ -272,13 +295,14 @@ class Table:
     best_learned: Optional[Entry]
     best_baseline: Optional[Entry]
     sentence: str
+    headlines: list = field(default_factory=list)  # the confirmations' winner lines (search.confirm.headline)
 
 
-def leaderboard_table(df, top: int = 5) -> Table:
-    """Top ``top`` learned configurations plus every fixed baseline (always), sorted by val BPD;
-    baselines without a completed run come last with their status."""
+def leaderboard_table(df, top: int = 5, confirmations: Optional[dict] = None, dataset: Optional[str] = None) -> Table:
+    """Top ``top`` learned configurations plus every fixed baseline (always), in the leaderboard's
+    order (:func:`aggregate`); baselines without a completed run come last with their status."""
     df = df if "group" in df.columns else add_group(df)
-    entries = aggregate(df)
+    entries = aggregate(df, confirmations, dataset)
     learned = [e for e in entries if not e.baseline]
     shown = learned[:max(0, int(top))]
     best_base: dict[str, Entry] = {}
@@ -296,36 +320,58 @@ def leaderboard_table(df, top: int = 5) -> Table:
     shown.sort(key=lambda e: e.rank)
     shown += missing
     best_learned = learned[0] if learned else None
-    best_baseline = next((e for e in entries if e.baseline), None)
-    compare_to_baseline(entries, best_baseline)
-    return Table(shown, entries, best_learned, best_baseline, margin_sentence(best_learned, best_baseline))
+    reference = _reference(entries, confirmations or {}, dataset)
+    ref_group = text((reference.rep or {}).get("config_group")) if reference else None
+    confirmation = next((i for (ds, _), i in (confirmations or {}).items()
+                         if ds == dataset and i["baseline"]["group"] == ref_group), None)
+    compare_to_baseline(entries, reference, confirmation)
+    confirmed = any(ds == dataset for ds, _ in (confirmations or {}))
+    return Table(shown, entries, best_learned, reference, margin_sentence(best_learned, reference, confirmed))
 
 
-def compare_to_baseline(entries: list[Entry], baseline: Optional[Entry]) -> None:
-    """Sets ``vs_baseline`` of every completed entry (the baseline itself included: zero): the
-    structure comparison over seeds of :func:`mdmsearch.compare.vs_reference`."""
+def _reference(entries: list[Entry], confirmations: dict, dataset: Optional[str]) -> Optional[Entry]:
+    """The baseline every margin is measured against: the confirmation's, else the best one."""
+    baselines = [e for e in entries if e.baseline]
+    confirmed = confirmed_baselines(dataset, confirmations) if dataset is not None else set()
+    return next((e for e in baselines if text((e.rep or {}).get("config_group")) in confirmed),
+                baselines[0] if baselines else None)
+
+
+def compare_to_baseline(entries: list[Entry], baseline: Optional[Entry], confirmation: Optional[dict] = None) -> None:
+    """Sets ``vs_baseline`` and ``margin_on`` of every completed entry (the baseline itself
+    included: zero), by :func:`mdmsearch.leaderboard.margins`, the leaderboard's rule."""
     if baseline is None:
         return
     complete = [e for e in entries if e.complete]
-    groups = {e.group: list(zip(e.seeds, e.artifact_dirs)) for e in complete}
-    comps = vs_reference(groups, baseline.group)
+    search = {e.group: e.search_runs for e in complete}
+    fresh = {e.group: list(zip(e.seeds, e.artifact_dirs)) for e in complete if e.fresh}
+    found = margins(search, fresh, baseline.group, set(fresh), confirmation)
     for e in complete:
-        e.vs_baseline = comps.get(e.group)
+        e.vs_baseline, e.margin_on = found.get(e.group, (None, None))
 
 
 def fmt_comparison(c: Optional[StructureComparison]) -> str:
-    """``-0.012 ± 0.003 (better, 3 seeds, P 0.92)``, ``-0.012 (not decided (1 seed))``, or ``—``
+    """``-0.012 [-0.019, -0.005] (better, 3 seeds, P 0.92)`` (the 95% interval), ``-0.012 (not decided (1 seed))``, or ``—``
     without per-example results."""
     if c is None:
         return "—"
     d = BPD_DECIMALS
     if not c.decided:
         return f"{c.diff:+.{d}f} ({c.verdict})"
-    return f"{c.diff:+.{d}f} ± {c.se:.{d}f} ({c.verdict}, {c.n_seeds} seeds, P {c.p_better:.2f})"
+    return f"{c.diff:+.{d}f} [{_ci(c)}] ({c.verdict}, {c.n_seeds} seeds, P {c.p_better:.2f})"
 
 
-def margin_sentence(learned: Optional[Entry], baseline: Optional[Entry]) -> str:
+def margin_sentence(learned: Optional[Entry], baseline: Optional[Entry], confirmed: bool = False) -> str:
+    """The table's sentence: the first configuration of the ranking against the reference
+    baseline.  ``confirmed``: it is a confirmed winner, whose numbers are its fresh seeds'."""
     d = BPD_DECIMALS
+    if confirmed and learned is not None and learned.fresh and baseline is not None:
+        c = learned.vs_baseline
+        over = (f"{c.diff:+.{d}f} [{_ci(c)}] bpd, {c.verdict}" if c is not None and c.decided else
+                f"{c.diff:+.{d}f} bpd, {c.verdict}" if c is not None else "no per-example results")
+        return (f"Confirmed winner: {learned.label}, {learned.val_mean:.{d}f} validation bpd over {learned.n} fresh "
+                f"seeds (over all {learned.all_n} seeds, including the one that selected it: "
+                f"{learned.all_val_mean:.{d}f}); against {baseline.label} on the fresh seeds' test split: {over}.")
     if learned is None and baseline is None:
         return "No configuration has completed yet, so there is nothing to compare."
     if learned is None:
@@ -353,6 +399,13 @@ def margin_sentence(learned: Optional[Entry], baseline: Optional[Entry]) -> str:
             f"{c.diff:+.{d}f} ± {c.se:.{d}f} bpd with P(better) = {c.p_better:.2f}: {judged}.")
 
 
+def _ci(c: StructureComparison) -> str:
+    """``-0.019, -0.005`` (95%), or ``-0.021, -0.003; 96% CI`` at a race's look's level."""
+    lo, hi = interval95(c)
+    level = "" if c.alpha == ALPHA else f"; {100 * (1 - c.alpha):.0f}% CI"
+    return f"{lo:+.{BPD_DECIMALS}f}, {hi:+.{BPD_DECIMALS}f}{level}"
+
+
 # ---------------------------------------------------------------------- other views
 def state_counts(df) -> dict[str, int]:
     counts = {str(k): int(v) for k, v in df["state"].value_counts().items()}
@@ -362,10 +415,14 @@ def state_counts(df) -> dict[str, int]:
 
 def anytime(df):
     """Per study: trial rows with elapsed wall time (seconds since the study's first start) and
-    the best-so-far completed validation BPD, both in trial order and in finishing order."""
+    the best-so-far completed validation BPD, both in trial order and in finishing order.  Search
+    trials only: a confirmation trial (a fresh seed of a configuration already found) is no
+    search progress."""
     import pandas as pd
 
     out = []
+    if "confirm_round" in df.columns:
+        df = df[df["confirm_round"].isna()]
     for study, part in df.groupby("study", sort=True):
         part = part.sort_values("trial").copy()
         ok = (part["state"] == "COMPLETE") & part["val_bpd"].notna()

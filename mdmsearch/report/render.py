@@ -8,8 +8,14 @@ import html
 from dataclasses import dataclass, field
 from .data import SECONDS_DECIMALS, Entry, Table, fmt_bpd, fmt_comparison, fmt_hyper, fmt_num
 
-TABLE_HEADERS = ("#", "Process", "K", "K eff", "Q", "D", "Hyperparameters", "Val BPD", "Test BPD", "vs best baseline", "n",
-                 "Steps", "Train s", "Runs", "Config")
+RANKING_RULE = ("Ranked as `mdmsearch leaderboard` ranks: a confirmed winner first, then the other configurations "
+                "its confirmation raced, both over their fresh seeds only (Seeds: fresh), then every other "
+                "configuration over the search's seeds (Seeds: search); within each, by mean validation BPD "
+                "(mean ± std, n seeds; lower is better). # is the rank among all {n} completed configurations; "
+                "the fixed baselines are always listed. vs baseline: fresh seeds on the test split, search seeds "
+                "on all held-out examples.")
+TABLE_HEADERS = ("#", "Process", "K", "K eff", "Q", "D", "Hyperparameters", "Val BPD", "Test BPD", "vs baseline", "n",
+                 "Seeds", "Steps", "Train s", "Runs", "Config")
 
 
 @dataclass
@@ -70,9 +76,10 @@ def table_cells(e: Entry, multi_study: bool) -> list[str]:
     k = str(e.n_aux) if e.n_aux is not None else "—"
     k_eff = str(e.eff_n_aux) if e.eff_n_aux is not None else "—"  # what training made of K (docs/math.md sec. 9)
     if not e.complete:
-        return ["—", process, k, "—", q, d, "—", "—", "—", "—", "0", "—", "—", runs_cell(e, multi_study), "—"]
+        return ["—", process, k, "—", q, d, "—", "—", "—", "—", "0", "—", "—", "—", runs_cell(e, multi_study), "—"]
     return [str(e.rank), process, k, k_eff, q, d, fmt_hyper(e.hyper), fmt_bpd(e.val_mean, e.val_std),
-            fmt_bpd(e.test_mean, e.test_std), fmt_comparison(e.vs_baseline), str(e.n), str(e.steps) if e.steps is not None else "—",
+            fmt_bpd(e.test_mean, e.test_std), fmt_comparison(e.vs_baseline), str(e.n), "fresh" if e.fresh else "search",
+            str(e.steps) if e.steps is not None else "—",
             fmt_num(e.train_seconds, SECONDS_DECIMALS), runs_cell(e, multi_study), e.config]
 
 
@@ -207,13 +214,13 @@ def render_html(report: Report) -> str:
         f"<h1>Structure search report: {_e(report.dataset)}</h1>",
         f'<p class="meta">generated {_e(report.generated_at)} from the Parquet leaderboard</p>',
         f'<p class="summary">{_e(report.summary)}</p>',
+        *[f'<p class="headline">{_e(h)}</p>' for h in report.table.headlines],
         f'<p class="headline">{_e(report.table.sentence)}</p>',
         "<nav>" + "".join(f'<a href="#{_e(i)}">{_e(t)}</a>' for i, t in nav) + "</nav>",
         '<section id="leaderboard"><h2>Leaderboard</h2>',
-        '<p class="intro">Configurations ranked by mean validation BPD over training seeds (mean ± std, n seeds; '
-        f"lower is better); <em>#</em> is the rank among all {len(report.table.all_entries)} completed "
-        "configurations. The fixed baselines are always listed. <em>vs best baseline</em> compares structures: "
-        "the held-out BPD difference to the best baseline over training seeds, ± its standard error including the "
+        f'<p class="intro">{_e(RANKING_RULE.format(n=len(report.table.all_entries)))} '
+        "<em>vs baseline</em> compares structures: "
+        "the held-out BPD difference to the reference baseline over training seeds, ± its standard error including the "
         "seed-to-seed spread, and the verdict of a t test over seeds (better or worse at the 5% level, else a tie "
         "within noise; with one seed on either side, not decided), the seeds behind it and P, the share of seeds "
         "in which the configuration beats the baseline; distinct training seeds are the only replicates "
@@ -249,10 +256,8 @@ def render_markdown(report: Report) -> str:
     lines = [f"# Structure search report: {report.dataset}", "",
              f"_Generated {report.generated_at} from the Parquet leaderboard; "
              "open [index.html](index.html) for the full report._", "",
-             report.summary, "", f"**{t.sentence}**", "", "## Leaderboard", "",
-             "Ranked by mean validation BPD over training seeds (mean ± std, n seeds; lower is better); "
-             f"# is the rank among all {len(t.all_entries)} completed configurations; the fixed baselines are "
-             "always listed.", "",
+             report.summary, "", *[f"**{h}**\n" for h in t.headlines], f"**{t.sentence}**", "",
+             "## Leaderboard", "", RANKING_RULE.format(n=len(t.all_entries)), "",
              "| " + " | ".join(TABLE_HEADERS) + " |",
              "|" + "|".join("---:" if h in ("#", "K", "K eff", "Val BPD", "Test BPD", "n", "Steps", "Train s") else "---"
                             for h in TABLE_HEADERS) + "|"]

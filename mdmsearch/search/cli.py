@@ -216,6 +216,7 @@ def study_status(study) -> dict:
     """Counts by state, decided trials with FAILs apart, the best trial, timing and ETA."""
     from optuna.trial import TrialState
 
+    from .answer import best_searched, study_spec, winner, winner_line
     from .record import StudyKey, records, study_get
     from .study import budget_used, count_trials, failure_summary
 
@@ -234,10 +235,14 @@ def study_status(study) -> dict:
             "failures": failure_summary(study) if counts["failed"] else None, "best": None,
             "mean_trial_seconds": None, "eta_seconds": None, "confirmation": confirmation_status(study)}
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.values]
-    if complete:
-        best = min(complete, key=lambda t: t.values[0])
-        label = best.baseline or f"learned {json.dumps(dict(best.params))}"
-        info["best"] = {"trial": best.number, "val_bpd": best.values[0], "label": label}
+    spec = study_spec(study)
+    found = winner(study, spec)
+    info["winner"] = found.as_dict() if found else None
+    info["winner_line"] = winner_line(found)
+    searched = best_searched(study, spec)  # search trials only: no baseline, no confirmation trial
+    if searched:
+        info["best"] = {"trial": searched.trial, "val_bpd": searched.val_bpd, "label": searched.label,
+                        "seeds": searched.seeds}
     times = [(t.datetime_complete - t.datetime_start).total_seconds() for t in complete
              if t.datetime_complete and t.datetime_start and not t.duplicate]
     if times:
@@ -261,6 +266,8 @@ def structure_status(study, studies_dir: str) -> Optional[dict]:
     except MDMError:
         return None
     rows["dataset"] = spec.data.name
+    if "confirm_round" in rows.columns:  # the search's seeds only: what chose the best searched configuration
+        rows = rows[rows["confirm_round"].isna()]
     view = ranked(rows)
     learned = view[view["baseline"].isna()] if not view.empty else view
     if learned.empty or learned.iloc[0]["verdict"] is None:
@@ -346,17 +353,26 @@ def _status_lines(info: dict) -> list[str]:
              + (f" (duplicates answered without training: {info['duplicates']})" if info["duplicates"] else "")]
     if info["failed"]:
         lines.append(f"FAILED: {info['failed']} ({info['failures']})")
-    if info["best"]:
-        b = info["best"]
-        lines.append(f"best so far: trial {b['trial']} val_bpd={b['val_bpd']:.4f} ({b['label']})")
+    w = info.get("winner")
+    lines.append(info["winner_line"])
+    if w:
+        lines.append(f"{info['study']}/best = trial {w['trial']} ({w['why']})")
+    confirmation = info["confirmation"]
+    if confirmation and not confirmation.get("done"):
+        lines.append(confirmation["line"])
+    elif confirmation and not confirmation.get("winner"):
+        lines.append(confirmation["line"])  # ended without a winner: why
     st = info.get("structure")
-    if st:
+    if st and not (w and w["source"] == "confirmation"):  # (confirmed: the winner line is the verdict)
         se = f" ± {st['se']:.4f}" if st["se"] is not None else ""
-        lines.append(f"best structure vs best baseline ({st['seeds']} seed{'s' if st['seeds'] != 1 else ''}): "
+        lines.append(f"best searched configuration vs best baseline over the search's seeds ({st['seeds']} "
+                     f"seed{'s' if st['seeds'] != 1 else ''}, including those that selected it): "
                      f"{st['vs_baseline']:+.4f}{se} bpd, P(better) {st['p_better']:.2f}: {st['verdict']} "
                      f"({st['label']})")
-    if info["confirmation"]:
-        lines.append(info["confirmation"]["line"])
+    if info["best"]:
+        b, n = info["best"], len(info["best"]["seeds"])
+        lines.append(f"best so far (search trials): {b['label']}: mean val_bpd={b['val_bpd']:.4f} over {n} "
+                     f"seed{'s' if n != 1 else ''} (trial {b['trial']} is its best seed)")
     if info["mean_trial_seconds"] is not None:
         lines.append(f"mean trial time: {info['mean_trial_seconds']:.1f}s")
     if info["eta_seconds"] is not None:
@@ -365,20 +381,26 @@ def _status_lines(info: dict) -> list[str]:
     return lines
 
 
+LEADERBOARD_COLUMNS = ["tier", "label", "seeds", "n", "val_bpd", "val_std", "test_bpd", "vs_baseline", "ci_low",
+                       "ci_high", "ci_level", "verdict", "margin_on", "p_better", "all_val_bpd", "all_n", "steps", "train_seconds",
+                       "studies", "trials"]
+
+
 def _cmd_leaderboard(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from ..leaderboard import with_effective
 
-    from ..leaderboard import ranked, read_tree
+    from ..leaderboard import ranked, read_confirmations, read_tree
+    from .confirm import headline
 
     df = read_tree(args.root, args.dataset)
-    view = ranked(df)
+    confirmations = read_confirmations(args.root, args.dataset)
+    view = ranked(df, confirmations=confirmations)
     if view.empty:
         raise MDMError("no completed trials in the leaderboard yet")
     view = with_effective(df, view)  # effective K next to the searched K (docs/math.md section 9)
-    cols = ["label", "val_bpd", "val_std", "test_bpd", "n", "vs_baseline", "vs_baseline_se", "p_better", "verdict",
-            "steps", "train_seconds", "studies", "trials"]
+    cols = list(LEADERBOARD_COLUMNS)
     if view["eff_n_aux"].notna().any():
         cols[cols.index("label") + 1:cols.index("label") + 1] = ["n_aux", "eff_n_aux", "eff_structure"]
     if "kid" in view.columns and view["kid"].notna().any():  # sample quality, where trials measured it
@@ -387,7 +409,7 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
     if args.format == "json":  # one JSON document (an array of records), whatever the number of datasets
         records = []
         for part in parts:
-            records.extend(json.loads(part[["dataset"] + cols].to_json(orient="records")))
+            records.extend(json.loads(part[["dataset"] + cols].to_json(orient="records", double_precision=15)))
         sys.stdout.write(json.dumps(records) + "\n")
         return 0
     if args.format == "csv":
@@ -395,8 +417,10 @@ def _cmd_leaderboard(args: argparse.Namespace) -> int:
         return 0
     out = []
     for part in parts:
-        with pd.option_context("display.width", 200, "display.max_colwidth", 60):
-            out.append(f"== {part['dataset'].iloc[0]} ==\n"
-                       + part[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+        dataset = part["dataset"].iloc[0]
+        heads = [f"{study}: {headline(info)}" for (ds, study), info in sorted(confirmations.items()) if ds == dataset]
+        with pd.option_context("display.width", 250, "display.max_colwidth", 90):
+            out.append("\n".join([f"== {dataset} ==", *heads,
+                                   part[cols].to_string(index=False, float_format=lambda v: f"{v:.4f}")]))
     sys.stdout.write("\n".join(out) + "\n")
     return 0

@@ -28,9 +28,11 @@ from typing import Optional
 
 import optuna
 from optuna.trial import TrialState
+from scipy import stats
 
 from ..compare import compare_structures, read_per_example, read_runs
 from ..errors import MDMError
+from ..leaderboard import write_confirmation
 from .plan import suggest_plan
 from .race import Race, replay, reported
 from .spec import SearchSpec
@@ -197,6 +199,7 @@ def _finish(study: optuna.Study, spec: SearchSpec, plan: Optional[dict], why: Op
     if plan is not None:
         info.update(result(plan, study, spec))
     study_set(study, StudyKey.CONFIRMATION, info)
+    write_confirmation(spec.leaderboard_root, spec.data.name, spec.study, info)
     log.info("confirmation: %s", describe(info))
 
 
@@ -226,17 +229,49 @@ def result(plan: dict, study: optuna.Study, spec: SearchSpec) -> dict:
 
 
 def describe(info: dict) -> str:
-    """One line: the confirmed winner and its margin, or why nothing was confirmed."""
+    """One line: the confirmed winner and its selection-free margin, or why nothing was confirmed."""
     if not info.get("winner"):
         return f"nothing confirmed ({info.get('reason')})"
-    vs, seeds = info.get("vs_baseline"), info.get("fresh_seeds") or []
-    head = f"{info['winner']['label']} ({info['winner']['role']}) vs {info['baseline']['label']}"
-    if not vs:
-        return f"{head}: no fresh-seed results"
-    se = f" ± {vs['se']:.4f}" if vs.get("se") is not None and math.isfinite(vs["se"]) else ""
-    return (f"{head} on fresh seeds {seeds} ({REPORT_SPLIT} split): {vs['diff']:+.4f}{se} bpd, "
-            f"P(better) {vs['p_better']:.2f}: {vs['verdict']}")
+    return (f"{info['winner']['label']} ({info['winner']['role']}): "
+            f"{margin_text(info.get('vs_baseline'), info.get('fresh_seeds') or [], info['baseline']['label'])}")
 
+
+def confirmed_line(label: str, margin: Optional[dict], seeds: list, baseline: Optional[str]) -> str:
+    """The line every view leads with once a confirmation has ended (status, leaderboard, report)."""
+    return f"winner (confirmed): {label}: {margin_text(margin, seeds, baseline)}"
+
+
+def headline(info: dict) -> str:
+    """:func:`confirmed_line` of an ended confirmation's stored result; why nothing was confirmed."""
+    if not info.get("winner"):
+        return f"winner: nothing confirmed ({info.get('reason')})"
+    return confirmed_line(info["winner"]["label"], info.get("vs_baseline"), info.get("fresh_seeds") or [],
+                          info["baseline"]["label"])
+
+
+def interval(margin: dict) -> Optional[tuple[float, float]]:
+    """The 95% confidence interval of a stored comparison (``as_dict`` of a StructureComparison):
+    its own bounds, or diff ± t_{0.975, df} SE for one stored before they were kept."""
+    if margin.get("ci_low") is not None and margin.get("ci_high") is not None:
+        return float(margin["ci_low"]), float(margin["ci_high"])
+    se, df = margin.get("se"), margin.get("df")
+    if se is None or df is None or not (math.isfinite(se) and math.isfinite(df)):
+        return None
+    h = float(stats.t.ppf(0.975, df)) * se
+    return margin["diff"] - h, margin["diff"] + h
+
+
+def margin_text(margin: Optional[dict], seeds: list, baseline: Optional[str]) -> str:
+    """``-0.0031 [-0.0306, +0.0244] bpd vs VPSDE (...) on fresh seeds [1000, 1001, 1002], test
+    split: tie within noise``: the one wording of a selection-free margin."""
+    if not margin:
+        return f"no fresh-seed results against {baseline}"
+    ci = interval(margin)
+    level = margin.get("alpha") or 0.05
+    span = (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" + (f" ({100 * (1 - level):.1f}% CI)" if level != 0.05 else "")
+            if ci else " (no interval: 1 seed)")
+    return (f"{margin['diff']:+.4f}{span} bpd vs {baseline} on fresh seeds {list(seeds)}, {REPORT_SPLIT} split: "
+            f"{margin['verdict']} (P(better) {margin['p_better']:.2f})")
 
 
 
@@ -261,7 +296,7 @@ def prepare(spec: SearchSpec, study: optuna.Study, *, top_k: int, seeds: int,
             log.warning("the %d candidates an earlier confirmation chose are kept (--top %d does not change them)",
                         len(plan["candidates"]), top_k)
         study_set(study, StudyKey.CONFIRM_PLAN, with_horizon(plan, seeds))
-        _reopen(study)
+        _reopen(study, spec)
         return spec.model_copy(update={"confirm": conf, "n_trials": max(1, budget_used(count_trials(study)))})
     budget = spec.budget.model_copy(update={"steps": steps, "eval_every": min(spec.budget.eval_every, steps)})
     derived = spec.model_copy(update={"study": f"{spec.study}.steps{steps}", "budget": budget, "baselines": [],
@@ -273,14 +308,16 @@ def prepare(spec: SearchSpec, study: optuna.Study, *, top_k: int, seeds: int,
                   .config_hash(derived, with_seed=False)} for c in plan["candidates"]]
         study_set(dstudy, StudyKey.CONFIRM_PLAN, {"candidates": moved, "from_study": spec.study, "horizons": [seeds]})
     study_set(dstudy, StudyKey.CONFIRM_PLAN, with_horizon(study_get(dstudy, StudyKey.CONFIRM_PLAN), seeds))
-    _reopen(dstudy)
+    _reopen(dstudy, derived)
     return derived
 
 
-def _reopen(study: optuna.Study) -> None:
-    """More seeds than an ended confirmation had: it goes on from where it stopped."""
+def _reopen(study: optuna.Study, spec: SearchSpec) -> None:
+    """More seeds than an ended confirmation had: it goes on from where it stopped (until it ends
+    again, the leaderboard and the report show no confirmed winner)."""
     if study_get(study, StudyKey.CONFIRMATION):
         study_set(study, StudyKey.CONFIRMATION, {})
+        write_confirmation(spec.leaderboard_root, spec.data.name, study.study_name, {})
 
 
 def rank_agreement(study: optuna.Study) -> dict:
@@ -308,4 +345,4 @@ def rank_agreement(study: optuna.Study) -> dict:
             "first_overall": first["label"] if first else None}
 
 
-__all__ = ["Step", "describe", "finished", "group_of", "next_step", "plan_overrides", "prepare", "rank_agreement", "result", "select", "standings"]
+__all__ = ["Step", "confirmed_line", "describe", "headline", "interval", "margin_text", "finished", "group_of", "next_step", "plan_overrides", "prepare", "rank_agreement", "result", "select", "standings"]

@@ -14,6 +14,7 @@ import torch
 
 from ..config import RunConfig, parse_run_config
 from ..errors import CholeskyError
+from ..leaderboard import config_label
 from ..diffusion.structure import StructureCheck, check_matrices, check_structure, d_pattern, q_pattern, stable_hash
 from . import dimensions
 from .dimensions import SEED, Dim, default_value, predictor_choices  # noqa: F401  (re-exported for callers)
@@ -116,10 +117,11 @@ class TrialPlan:
         return self.run_config(spec).process.build().structure_hash()
 
     def label(self) -> str:
-        """'VPSDE' or 'learned K=2 Q:chain D:aux' (a structure, for log lines and summaries)."""
-        if self.baseline:
-            return self.baseline.upper()
-        return f"learned K={self.n_aux} Q:{self.q_pattern} D:{self.d_pattern}"
+        """The configuration's label, as the leaderboard and the report write it
+        (:func:`mdmsearch.leaderboard.config_label`): structure, then the searched hyperparameters."""
+        return config_label({"baseline": self.baseline, "n_aux": self.n_aux, "q_pattern": self.q_pattern,
+                             "d_pattern": self.d_pattern, "d_param": self.d_param, "learn": self.learn,
+                             "params": self.params})
 
     def nnz(self) -> tuple[int, int]:
         return int(sum(map(sum, self.q_mask))), int(sum(map(sum, self.d_mask)))

@@ -14,20 +14,24 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import ConfigError
+from .answer import reference_baseline, winner
 from .record import Outcome, records
 
 log = logging.getLogger(__name__)
 
-_REF = re.compile(r"^(?P<study>[A-Za-z0-9_.-]+)/(?P<trial>\d+|best)$")
+BEST, BASELINE = "best", "baseline"  # the named trials of a study (mdmsearch.search.answer)
+_REF = re.compile(rf"^(?P<study>[A-Za-z0-9_.-]+)/(?P<trial>\d+|{BEST}|{BASELINE})$")
 
 
-def parse_trial_ref(ref: str, what: str = "--from-trial") -> tuple[str, Optional[int]]:
-    """``STUDY/N`` or ``STUDY/best`` -> (study, N or None for best); ``what`` starts the error."""
+def parse_trial_ref(ref: str, what: str = "--from-trial") -> tuple[str, int | str]:
+    """``STUDY/N``, ``STUDY/best`` or ``STUDY/baseline`` -> (study, N or the name); ``what`` starts
+    the error."""
     m = _REF.match(ref.strip())
     if m is None:
-        raise ConfigError(f"{what} {ref!r}: expected STUDY/N (a trial number) or STUDY/best, e.g. aux3/9")
+        raise ConfigError(f"{what} {ref!r}: expected STUDY/N (a trial number), STUDY/best or STUDY/baseline, "
+                          f"e.g. aux3/9")
     trial = m.group("trial")
-    return m.group("study"), None if trial == "best" else int(trial)
+    return m.group("study"), trial if trial in (BEST, BASELINE) else int(trial)
 
 
 def _open(study_name: str, studies_dir: str | Path, storage: Optional[str], what: str = "--from-trial"):
@@ -46,25 +50,34 @@ def _open(study_name: str, studies_dir: str | Path, storage: Optional[str], what
         raise ConfigError(f"{what}: no study {study_name!r} in {url}") from None
 
 
-def _best(study, what: str = "--from-trial"):
-    """The completed, trained (not duplicate) trial with the lowest first objective."""
-    from optuna.trial import TrialState
-
-    done = [t for t in records(study, states=(TrialState.COMPLETE,)) if t.trained]
-    if not done:
-        raise ConfigError(f"{what} {study.study_name}/best: the study has no completed trial yet")
-    return min(done, key=lambda t: t.values[0])
+def _named(study, name: str, what: str = "--from-trial"):
+    """The trial ``STUDY/best`` or ``STUDY/baseline`` names (:mod:`mdmsearch.search.answer`): the
+    winner's (the confirmed winner's best fresh seed, else the best searched configuration's best
+    seed), or its reference baseline's."""
+    w = winner(study) if name == BEST else reference_baseline(study)
+    if w is None:
+        what_is = "searched configuration" if name == BEST else "baseline"
+        raise ConfigError(f"{what} {study.study_name}/{name}: the study has no completed {what_is} yet")
+    return records(study)[w.trial], f"{study.study_name}/{name}: {w.label}; {w.why}"
 
 
 def resolve_trial(ref: str, studies_dir: str | Path = "studies", storage: Optional[str] = None,
                   what: str = "--from-trial"):
-    """The :class:`TrialRecord` that trained the configuration of ``STUDY/N`` or ``STUDY/best``:
-    a duplicate answers as the trial it duplicates; one that did not train is a ConfigError (one
-    line, starting with ``what``).  Its ``artifact_dir`` holds the run."""
+    """The :class:`TrialRecord` that trained the configuration of ``STUDY/N``, ``STUDY/best`` or
+    ``STUDY/baseline``: a duplicate answers as the trial it duplicates; one that did not train is a
+    ConfigError (one line, starting with ``what``).  Its ``artifact_dir`` holds the run."""
+    return resolve_trial_why(ref, studies_dir, storage, what)[0]
+
+
+def resolve_trial_why(ref: str, studies_dir: str | Path = "studies", storage: Optional[str] = None,
+                      what: str = "--from-trial"):
+    """:func:`resolve_trial` and, for ``best``/``baseline``, which configuration and seed that is and
+    why (None for ``STUDY/N``)."""
     study_name, number = parse_trial_ref(ref, what)
     study = _open(study_name, studies_dir, storage, what)
-    if number is None:
-        trial = _best(study, what)
+    why = None
+    if isinstance(number, str):
+        trial, why = _named(study, number, what)
     else:
         trials = records(study)
         if not 0 <= number < len(trials):
@@ -75,7 +88,7 @@ def resolve_trial(ref: str, studies_dir: str | Path = "studies", storage: Option
     if trial.outcome in (Outcome.INVALID, Outcome.FAIL) or trial.artifact_dir is None:
         raise ConfigError(f"{what} {ref}: trial {trial.number} did not train ({trial.outcome or trial.state.name}"
                           f"{': ' + str(trial.reason) if trial.reason else ''})")
-    return trial
+    return trial, why
 
 
 def trial_run_config(ref: str, studies_dir: str | Path = "studies", storage: Optional[str] = None) -> tuple[dict, str]:
@@ -83,7 +96,7 @@ def trial_run_config(ref: str, studies_dir: str | Path = "studies", storage: Opt
     description of where it came from."""
     import yaml
 
-    trial = resolve_trial(ref, studies_dir, storage)
+    trial, why = resolve_trial_why(ref, studies_dir, storage)
     study_name, _ = parse_trial_ref(ref)
     path = Path(trial.artifact_dir) / "config.yaml"
     if not path.is_file():
@@ -94,5 +107,5 @@ def trial_run_config(ref: str, studies_dir: str | Path = "studies", storage: Opt
     data.setdefault("train", {})["progress"] = True  # trials train silently; a promoted run shows progress
     val = trial.values[0] if trial.values else None
     where = f"trial {trial.number} of study {study_name}" + (f" (val_bpd {val:.4f})" if val is not None else "")
-    log.info("training the configuration of %s", where)
+    log.info("training the configuration of %s%s", where, f" ({why})" if why else "")
     return data, where

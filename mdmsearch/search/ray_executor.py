@@ -286,21 +286,51 @@ def run_ray(spec: SearchSpec, address: Optional[str] = None, allow_spec_change: 
 
 
 CONNECT_TIMEOUT_S = 30  # a cluster address that accepts connections but never answers is named after this
+PROBE_TIMEOUT_S = 10  # the gRPC handshake a Ray head (GCS, or the Ray client server) answers at once
+# HTTP/2 client connection preface + an empty SETTINGS frame (RFC 9113, 3.4 and 6.5): a gRPC server
+# answers with its own SETTINGS frame (frame type 0x4) before anything else
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 0x4, 0, 0, 0, 0, 0])
+_H2_SETTINGS = 0x4
 
 
 def check_address(address: str, what: str = "--address") -> None:
     """A Ray cluster address is ``auto``, ``HOST:PORT`` or ``ray://HOST:PORT``; a host that
-    refuses or is unknown is one line now, before anything is created (``ray.init`` would
-    retry such an address for ever)."""
+    refuses, is unknown, or accepts but does not answer the gRPC handshake that every Ray head
+    answers is one line now, before anything is created and before ``ray.init`` (which would
+    retry such an address for ever, and print its own warnings)."""
     if address in ("auto", "local"):
         return
     host, sep, port = address.removeprefix("ray://").rpartition(":")
     if not sep or not host or not port.isdigit():
         raise MDMError(f"{what} {address}: expected HOST:PORT, ray://HOST:PORT or auto")
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
+        conn = socket.create_connection((host, int(port)), timeout=5)
     except OSError as exc:
         raise MDMError(f"{what} {address}: cannot reach a Ray cluster there ({exc.strerror or exc})") from None
+    with conn:
+        if os.environ.get("RAY_USE_TLS", "0") not in ("0", ""):  # a TLS head answers no plaintext handshake
+            return
+        _probe_grpc(conn, address, what)
+
+
+def _probe_grpc(conn: socket.socket, address: str, what: str) -> None:
+    """Send the HTTP/2 preface; a gRPC server's first frame back is SETTINGS."""
+    conn.settimeout(PROBE_TIMEOUT_S)
+    try:
+        conn.sendall(_H2_PREFACE)
+        head = b""
+        while len(head) < 4:
+            chunk = conn.recv(4 - len(head))
+            if not chunk:
+                raise MDMError(f"{what} {address}: not a Ray cluster (the connection was closed without a gRPC answer)")
+            head += chunk
+    except socket.timeout:
+        raise MDMError(f"{what} {address}: no Ray cluster answered within {PROBE_TIMEOUT_S} s "
+                       f"(the port accepts connections but says nothing)") from None
+    except OSError as exc:
+        raise MDMError(f"{what} {address}: cannot reach a Ray cluster there ({exc.strerror or exc})") from None
+    if head[3] != _H2_SETTINGS:
+        raise MDMError(f"{what} {address}: not a Ray cluster (no gRPC answer)")
 
 
 def connect(ray, address: str) -> None:

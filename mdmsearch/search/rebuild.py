@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from optuna.trial import TrialState
 
 from ..errors import MDMError
-from ..leaderboard import trial_path, write_curve, write_trial
+from ..leaderboard import trial_path, write_confirmation, write_curve, write_trial
 from .confirm import plan_overrides
 from .lifecycle import Outcome, artifact_dir, row_path
 from .plan import suggest_plan
@@ -64,7 +64,7 @@ def _state(t: TrialRecord) -> str:
 def row_from_trial(spec: SearchSpec, t: TrialRecord, executor: str) -> dict:
     plan = suggest_plan(optuna.trial.FixedTrial(dict(t.params), number=t.number), spec,
                         baseline=t.baseline, **plan_overrides(spec, t))
-    row = _base_row(spec, t.number, plan, executor, _utc(t.datetime_start))
+    row = _base_row(spec, t.number, plan, executor, _utc(t.datetime_start), t.confirm)
     art = artifact_dir(spec, t)
     row.update(state=_state(t), reason=t.reason, retry_of=t.retry_of, duplicate_of=t.duplicate_of, artifact_dir=str(art),
                finished_at=_utc(t.datetime_complete))
@@ -113,4 +113,8 @@ def rebuild(spec: SearchSpec, study: optuna.Study) -> dict:
             if history:
                 write_curve(spec.curves_root, spec.data.name, spec.study, t.number, history)
                 curves.append(t.number)
-    return {"study": spec.study, "rows_written": rows, "curves_written": curves, "rows_kept": kept}
+    confirmation = study_get(study, StudyKey.CONFIRMATION)
+    if confirmation is not None:  # the ended confirmation the leaderboard and the report lead with
+        write_confirmation(spec.leaderboard_root, spec.data.name, spec.study, confirmation)
+    return {"study": spec.study, "rows_written": rows, "curves_written": curves, "rows_kept": kept,
+            "confirmation_written": confirmation is not None}

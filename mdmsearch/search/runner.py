@@ -30,7 +30,7 @@ from .gpus import VISIBLE_ENV, check_local_gpus, visible_gpus, worker_gpus
 from .plan import TrialPlan, suggest_plan
 from .spec import SearchSpec
 from .lifecycle import Deadline, artifact_dir, claim, recover, release, tell
-from .record import Outcome, TrialRecord, records, write
+from .record import Confirmation, Outcome, TrialRecord, records, write
 from .space import finite_size
 from .study import (Heartbeat, budget_used, count_trials, open_study, record_run, stop_reason, study_lock,
                     where_running)
@@ -45,9 +45,11 @@ class TrialOutcome:
     row: dict
 
 
-def _base_row(spec: SearchSpec, number: int, plan: TrialPlan, executor: str, started: datetime) -> dict:
+def _base_row(spec: SearchSpec, number: int, plan: TrialPlan, executor: str, started: datetime,
+              confirm: Optional[Confirmation] = None) -> dict:
     q_nnz, d_nnz = plan.nnz()
     return {
+        "confirm_round": confirm.round if confirm else None, "confirm_role": confirm.role if confirm else None,
         "trial": number, "baseline": plan.baseline, "seed": plan.seed,
         "process": plan.baseline or "learned", "n_aux": plan.n_aux, "q_pattern": plan.q_pattern,
         "d_pattern": plan.d_pattern, "d_param": plan.d_param, "learn": plan.learn,
@@ -148,7 +150,7 @@ def begin(trial, spec: SearchSpec, executor: str) -> TrialRun:
     rec = TrialRecord.of(trial)
     plan = suggest_plan(trial, spec, baseline=rec.baseline, **plan_overrides(spec, rec))
     art_dir = artifact_dir(spec, rec)
-    row = _base_row(spec, rec.number, plan, executor, started)
+    row = _base_row(spec, rec.number, plan, executor, started, rec.confirm)
     row.update(retry_of=rec.retry_of, artifact_dir=str(art_dir))
     write(trial, config_hash=row["config_hash"], config_group=row["config_group"], artifact_dir=str(art_dir),
           artifact_id=rec.artifact_id if rec.artifact_id is not None else rec.number, worker=where_running())
