@@ -100,6 +100,17 @@ def test_bridges_join_the_effective_set():
     assert c.effective == (1, 2, 3) and c.q_pattern == "chain"
 
 
+def test_the_link_to_x_stays_in_the_effective_structure():
+    """x - v1 = 1 is 4% of the largest entry (D_v2 = 25), under the 5% entry threshold, yet v1 and
+    v2 hold 36% of the precision: the link on their path to x is part of the effective Q."""
+    proc = learned(2, "chain", "diag", d_param="diag", q_init=-1.0, d_init=[1.0, 1.0, 25.0])
+    with torch.no_grad():
+        proc.q_module.u[1, 2] = 5.0
+    c = process_coupling(proc)
+    assert c.n_eff == 2 and c.share > 0.3
+    assert (c.q_pattern, c.d_pattern) == ("chain", "last")
+
+
 def test_a_weak_x_link_collapses_and_a_strong_one_does_not():
     """The issue's case: K = 3, Q chain, D diag with |Q_x,v1| = 0.008 reads as K = 0 (x alone);
     with the initial |Q_x,v1| = 1 all three auxiliaries count."""

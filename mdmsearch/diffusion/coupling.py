@@ -19,7 +19,8 @@ with ``1 - J_{x u S} / J_all < THRESHOLD`` (all subsets for K <= 8): the auxilia
 network must see to know (almost) all the state knows about x0, plus the bridges through which
 their information flows (the auxiliaries on each one's widest path to x in the graph of
 |Q_ij| + |D_ij|).  Their number is the effective K, and the entries of Q and D among x and S that are at least ENTRY_THRESHOLD of the largest
-give the effective patterns (named when they match a pattern of ``structure.py``, else listed).
+give the effective patterns (named when they match a pattern of ``structure.py``, else listed),
+with each effective auxiliary's link on its widest path to x always included.
 
 Pure float64 functions of (Q, D, S_inf, gamma, B(t)); ``process_coupling`` reads them off a
 :class:`~mdmsearch.diffusion.process.LinearMDM`.
@@ -189,12 +190,22 @@ def _d_of_factor(low: torch.Tensor) -> torch.Tensor:
 
 
 def _effective_masks(q, d, keep: list[int], rel: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Strict upper mask of Q and symmetric mask of D on ``keep``: entries >= rel x the largest."""
+    """Strict upper mask of Q and symmetric mask of D on ``keep``: entries >= rel x the largest,
+    plus the links of each kept auxiliary's widest path to x (the larger of |Q_ij|, |D_ij|), so
+    that the way its information reaches x is always part of the effective structure."""
     idx = torch.as_tensor(keep, dtype=torch.long)
     qs, ds = q[idx][:, idx], d[idx][:, idx]
     scale = float(torch.cat([qs.abs().flatten(), ds.abs().flatten()]).max())
     cut = rel * scale if scale > 0 else float("inf")
-    return torch.triu(qs.abs() >= cut, diagonal=1), ds.abs() >= cut
+    q_mask, d_mask = torch.triu(qs.abs() >= cut, diagonal=1), ds.abs() >= cut
+    pred, pos = _widest_paths(q, d), {v: i for i, v in enumerate(keep)}
+    for k in keep[1:]:
+        a, b = sorted((pos[k], pos[pred[k]]))  # (pred[k] is kept: the set is closed under bridges)
+        if abs(float(q[k, pred[k]])) >= abs(float(d[k, pred[k]])):
+            q_mask[a, b] = True
+        else:
+            d_mask[a, b] = d_mask[b, a] = True
+    return q_mask, d_mask
 
 
 def coupling(q, d, *, s_inf=None, gamma: float = 0.01, big_b, threshold: float = THRESHOLD,
