@@ -298,10 +298,11 @@ def test_margin_sentence_better_and_worse():
     s = margin_sentence(learned, vpsde)
     assert "not decided: 1 vs 1 seeds" in s and "better" not in s
     learned.vs_baseline = StructureComparison(-0.012, 0.002, 2.0, 3, 3, 1.0, True, 540)
-    assert ("Over seeds (3 vs 3 seeds, paired by seed), its held-out difference to the baseline is -0.012 ± 0.002 "
-            "bpd with P(better) = 1.00: better as a structure (t test over seeds, 2 df)" in margin_sentence(learned, vpsde))
+    assert ("Over seeds (3 vs 3 seeds, paired by seed), its held-out difference to the baseline is -0.012 "
+            "[-0.021, -0.003] bpd (SE 0.002) with P(better) = 1.00: better as a structure (t test over seeds, 2 df)"
+            in margin_sentence(learned, vpsde))  # (the 95% interval: t_0.975(2) SE = 0.0086)
     learned.vs_baseline = StructureComparison(-0.012, 0.004, 2.0, 3, 3, 0.67, True, 540)  # t_0.975(2) = 4.3
-    assert "-0.012 ± 0.004 bpd with P(better) = 0.67: a tie within noise" in margin_sentence(learned, vpsde)
+    assert "-0.012 [-0.029, +0.005] bpd (SE 0.004) with P(better) = 0.67: a tie within noise" in margin_sentence(learned, vpsde)
     learned.val_mean = 2.5
     assert "0.140 bpd higher than the best baseline (VPSDE, 2.360)" in margin_sentence(learned, vpsde)
     assert "no baseline has completed" in margin_sentence(learned, None)

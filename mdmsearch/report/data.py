@@ -396,7 +396,7 @@ def margin_sentence(learned: Optional[Entry], baseline: Optional[Entry], confirm
     judged = ("a tie within noise" if c.verdict == TIE else
               f"{'better' if c.diff < 0 else 'worse'} as a structure (t test over seeds, {c.df:.0f} df)")
     return (sentence + f" Over seeds ({c.seeds_text()}), its held-out difference to the baseline is "
-            f"{c.diff:+.{d}f} ± {c.se:.{d}f} bpd with P(better) = {c.p_better:.2f}: {judged}.")
+            f"{c.diff:+.{d}f} [{_ci(c)}] bpd (SE {c.se:.{d}f}) with P(better) = {c.p_better:.2f}: {judged}.")
 
 
 def _ci(c: StructureComparison) -> str:

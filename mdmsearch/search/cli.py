@@ -273,9 +273,10 @@ def structure_status(study, studies_dir: str) -> Optional[dict]:
     if learned.empty or learned.iloc[0]["verdict"] is None:
         return None
     best = learned.iloc[0]
-    se = best["vs_baseline_se"]
+    se, lo, hi = best["vs_baseline_se"], best["ci_low"], best["ci_high"]
     return {"label": best["label"], "seeds": int(best["n"]), "vs_baseline": float(best["vs_baseline"]),
-            "se": None if se != se else float(se), "p_better": float(best["p_better"]), "verdict": best["verdict"]}
+            "se": None if se != se else float(se), "ci_low": None if lo != lo else float(lo),
+            "ci_high": None if hi != hi else float(hi), "p_better": float(best["p_better"]), "verdict": best["verdict"]}
 
 
 def effective_status(study, studies_dir: str, top: int = 3) -> Optional[dict]:
@@ -364,7 +365,7 @@ def _status_lines(info: dict) -> list[str]:
         lines.append(confirmation["line"])  # ended without a winner: why
     st = info.get("structure")
     if st and not (w and w["source"] == "confirmation"):  # (confirmed: the winner line is the verdict)
-        se = f" ± {st['se']:.4f}" if st["se"] is not None else ""
+        se = f" [{st['ci_low']:+.4f}, {st['ci_high']:+.4f}]" if st.get("ci_low") is not None else ""
         lines.append(f"best searched configuration vs best baseline over the search's seeds ({st['seeds']} "
                      f"seed{'s' if st['seeds'] != 1 else ''}, including those that selected it): "
                      f"{st['vs_baseline']:+.4f}{se} bpd, P(better) {st['p_better']:.2f}: {st['verdict']} "
