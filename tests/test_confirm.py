@@ -221,7 +221,7 @@ def test_a_tiny_search_confirms_its_winner(tmp_path):
     study = optuna.load_study(study_name="tc", storage=make_storage(f"journal:{tmp_path / 'studies/tc/journal.log'}"))
     res_attr = study.user_attrs[RESULT_ATTR]
     assert res_attr["fresh_seeds"] == [1000, 1001] and res_attr["vs_baseline"]["n_seeds_a"] == 2
-    assert "confirmation:" in res.stderr
+    assert "confirmation ended after" in res.stderr and "winner (confirmed): " in res.stderr
     df = pd.read_parquet(tmp_path / "studies" / "leaderboard")
     fresh = df[df["seed"] >= 1000]
     assert len(fresh) == counts["confirmation"] and (fresh["state"] == "COMPLETE").all()  # never pruned

@@ -187,7 +187,13 @@ def _confirm_lines(info: dict, describe) -> list[str]:
     tau = rank["kendall_tau"]
     lines.append(f"ranking on fresh seeds vs the search's: Kendall tau {tau:.2f}" if tau is not None else
                  "ranking: fewer than two candidates with fresh results")
-    lines.append(f"the search's winner is still the best searched configuration: {'yes' if rank['incumbent_first'] else 'no'}")
+    searched = [r for r in rank["candidates"] if r["role"] != "baseline" and r["fresh_val"] is not None]
+    if searched:
+        first = min(searched, key=lambda r: r["fresh_val"])
+        lines.append(f"lowest fresh-seed mean validation BPD among the searched candidates: {first['label']} "
+                     f"({first['role']}); the search's winner is still the best searched configuration: "
+                     f"{'yes' if rank['incumbent_first'] else 'no'} (the winner is decided by the verdicts above, "
+                     f"not by this mean)")
     return lines
 
 
@@ -285,7 +291,7 @@ def effective_status(study, studies_dir: str, top: int = 3) -> Optional[dict]:
     about x0, and how many learned ones collapsed (effective K < K).  None without readable rows."""
     import pandas as pd
 
-    from ..leaderboard import ranked, read_files, with_effective
+    from ..leaderboard import ranked, read_confirmations, read_files, with_effective
     from .rebuild import spec_of
 
     try:
@@ -295,7 +301,9 @@ def effective_status(study, studies_dir: str, top: int = 3) -> Optional[dict]:
     except MDMError:
         return None
     rows["dataset"] = spec.data.name
-    view = with_effective(rows, ranked(rows))
+    mine = {key: info for key, info in read_confirmations(spec.leaderboard_root, spec.data.name).items()
+            if key[1] == study.study_name}  # ranked as the leaderboard ranks: the confirmed winner first
+    view = with_effective(rows, ranked(rows, confirmations=mine))
     if view.empty or view["eff_n_aux"].isna().all():
         return None
     best = view.head(top)

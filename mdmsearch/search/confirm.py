@@ -200,7 +200,8 @@ def _finish(study: optuna.Study, spec: SearchSpec, plan: Optional[dict], why: Op
         info.update(result(plan, study, spec))
     study_set(study, StudyKey.CONFIRMATION, info)
     write_confirmation(spec.leaderboard_root, spec.data.name, spec.study, info)
-    log.info("confirmation: %s", describe(info))
+    role = (info.get("winner") or {}).get("role")
+    log.info("confirmation ended after %d round(s): %s%s", rounds, headline(info), f" (the {role})" if role else "")
 
 
 def result(plan: dict, study: optuna.Study, spec: SearchSpec) -> dict:
