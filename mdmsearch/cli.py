@@ -93,20 +93,12 @@ def _resumed_config(out: str) -> tuple[dict, str]:
     """The configuration a run directory was trained with (its config.yaml), for ``--resume``
     without a run config: continuing a run needs no command line but the directory; flags given
     override what they name (``--steps`` to train longer)."""
-    import yaml
-
     from .config import upgrade_saved_config  # lazy: pydantic, see _train_config
     from .training.artifacts import CONFIG_FILE
+    from .yamlio import read_saved_config
 
     path = Path(out) / CONFIG_FILE
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise MDMError(f"--resume: {path} is missing (not a run directory written by `mdmsearch train --out`)") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise MDMError(f"--resume: {path} is unreadable ({type(exc).__name__})") from None
-    if not isinstance(data, dict):
-        raise MDMError(f"--resume: {path} is not a run config")
+    data = read_saved_config(path, "--resume", "not a run directory written by `mdmsearch train --out`")
     return upgrade_saved_config(data), f"{path} (--resume)"
 
 

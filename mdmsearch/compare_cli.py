@@ -25,9 +25,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
-import yaml
 
 from .errors import ConfigError, MDMError
+from .yamlio import read_saved_config
 
 log = logging.getLogger(__name__)
 
@@ -207,15 +207,7 @@ def read_run(ref: str, path: Path, fresh: bool = False, level: Optional[float] =
     if not (path / PER_EXAMPLE_FILE).is_file():
         raise MDMError(f"{WHAT} {ref}: {path} has no {PER_EXAMPLE_FILE} (not a finished run, or one trained "
                        f"before per-example results were written)")
-    config = path / "config.yaml"
-    try:
-        data = yaml.safe_load(config.read_text())
-    except FileNotFoundError:
-        raise MDMError(f"{WHAT} {ref}: {config} is missing (the run's training seed is read from it)") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise MDMError(f"{WHAT} {ref}: {config} is unreadable ({type(exc).__name__})") from None
-    if not isinstance(data, dict):
-        raise MDMError(f"{WHAT} {ref}: {config} is not a run config")
+    data = read_saved_config(path / "config.yaml", f"{WHAT} {ref}", "the run's training seed is read from it")
     seed = (data.get("train") or {}).get("seed", 0)  # 0: the trainer's default seed
     held_out = {k: (data.get("data") or {}).get(k) for k in DATA_KEYS}
     return Run(ref, path, int(seed), held_out, fresh, level)

@@ -10,7 +10,7 @@ from typing import Optional
 import yaml
 from yaml.constructor import ConstructorError
 
-from .errors import ConfigError
+from .errors import ConfigError, MDMError
 
 
 class LineLoader(yaml.SafeLoader):
@@ -80,3 +80,17 @@ def line_of(data: dict, lines: dict, loc: tuple) -> Optional[int]:
         else:
             break
     return line
+
+
+def read_saved_config(path: Path, what: str, missing: str) -> dict:
+    """A run's saved ``config.yaml`` as a dict; one MDMError line starting with ``what`` when it is
+    missing (``missing`` says what that means), unreadable or not a mapping."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise MDMError(f"{what}: {path} is missing ({missing})") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise MDMError(f"{what}: {path} is unreadable ({type(exc).__name__})") from None
+    if not isinstance(data, dict):
+        raise MDMError(f"{what}: {path} is not a run config")
+    return data
