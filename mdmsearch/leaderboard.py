@@ -376,6 +376,19 @@ _PER_ENTRY = re.compile(r"^[ql]_\d+$")  # per-entry structure dimensions q_ij / 
 _HYPER_COLUMNS = ("lr", "process_lr", "gamma", "beta_1", "time_sampler")  # rows without their parameters
 
 
+def _inert_params(fields: Any) -> set:
+    """Searched parameters that change nothing for this configuration (search/dimensions.py
+    ``inert``), left out of its label: process_lr for a fixed process (a baseline, or Q and D not
+    learned), gamma without auxiliary variables."""
+    get = fields.get
+    inert = set()
+    if (isinstance(get("baseline"), str) and get("baseline")) or get("learn") in (False,):  # (numpy's False too)
+        inert.add("process_lr")
+    if get("n_aux") in (0,):  # (numpy's 0 too; NaN and None are not)
+        inert.add("gamma")
+    return inert
+
+
 def _hyper_text(fields: Any) -> str:
     """``lr=0.002 process_lr=0.03 time_sampler=adaptive``: the searched hyperparameters of a
     configuration (its trial parameters ``params``, a dict or its JSON), sorted by name; for a row
@@ -389,7 +402,9 @@ def _hyper_text(fields: Any) -> str:
     if not isinstance(params, dict):
         params = {k: fields.get(k) for k in _HYPER_COLUMNS
                   if isinstance(fields.get(k), str) or (isinstance(fields.get(k), float) and math.isfinite(fields[k]))}
-    items = sorted((k, v) for k, v in params.items() if k not in _NOT_HYPER and not _PER_ENTRY.match(k))
+    inert = _inert_params(fields)
+    items = sorted((k, v) for k, v in params.items()
+                   if k not in _NOT_HYPER and k not in inert and not _PER_ENTRY.match(k))
     return " ".join(f"{k}={v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k}={v}"
                     for k, v in items)
 

@@ -8,7 +8,7 @@ in the run config.  Everything else is derived from this table:
 * ``plan.suggest_plan`` asks the dimensions in this order (define-by-run, for every executor);
 * ``plan.TrialPlan.run_config`` puts each value at its ``run_key``;
 * ``plan.TrialPlan.config_hash`` leaves out the ``inert`` values (aliases share a hash);
-* ``plan.baseline_params`` fixes every searched hyperparameter at its default;
+* ``baselines.baseline_grid`` searches a baseline's applicable (not inert) hyperparameters on a grid;
 * ``study.grid_space`` lists the choices the grid sampler walks;
 * ``space`` (the dry run, the exhaustion check) tells structure from hyperparameter dimensions.
 
@@ -59,7 +59,9 @@ class Dim:
     options: Callable[[SearchSpec], Options]  # a FloatRange (value, choices or range) or a list of choices
     run_key: Optional[tuple[str, str]] = None  # (run-config section, key) the value sets
     active: Callable[[dict], bool] = _always  # asked at all, given the values decided before it
-    inert: Callable[[dict], bool] = _never  # decided, but changes nothing: left out of the configuration hash
+    # decided, but changes nothing: left out of the configuration hash (given the hyperparameters,
+    # n_aux and fixed_process: no entry of Q, D trained)
+    inert: Callable[[dict], bool] = _never
     canonical: Callable[[Any, dict], Any] = _same  # the value as hashed (two spellings of one run: one hash)
 
     def choices(self, spec: SearchSpec) -> Optional[list]:
@@ -102,7 +104,9 @@ def _resolved_eps(values: dict) -> bool:
 
 HYPER_DIMENSIONS: tuple[Dim, ...] = (
     Dim("lr", "hyper", lambda s: s.hyper.lr, ("optim", "lr")),
-    Dim("process_lr", "hyper", lambda s: s.hyper.process_lr, ("optim", "process_lr")),
+    # a fixed process (a baseline, or a learned structure with learn: false) has no entries to learn
+    Dim("process_lr", "hyper", lambda s: s.hyper.process_lr, ("optim", "process_lr"),
+        inert=lambda v: v.get("fixed_process", False)),
     # without auxiliary variables their initial variance gamma changes nothing
     Dim("gamma", "hyper", lambda s: s.hyper.gamma, ("process", "gamma"), inert=lambda v: v.get("n_aux", 0) == 0),
     Dim("beta_1", "hyper", lambda s: s.hyper.beta_1, ("process", "beta_1")),

@@ -45,6 +45,11 @@ class TrialPlan:
     def n(self) -> int:
         return self.n_aux + 1
 
+    @property
+    def fixed_process(self) -> bool:
+        """No entry of Q or D is trained: a baseline, or a learned structure frozen at its start."""
+        return bool(self.baseline) or not self.learn
+
     def _hyper_at(self, section: str) -> dict:
         """The hyperparameters that land in one run-config section (their ``run_key``)."""
         return {dim.run_key[1]: self.hyper[dim.name] for dim in dimensions.hyper()
@@ -95,9 +100,10 @@ class TrialPlan:
         identically (dedupe key); without it they group the seeds of one configuration.
 
         Normalized first, so that aliases of one run share a hash: without auxiliary variables
-        gamma (their initial variance) changes nothing, and 'auto' is the predictor it resolves to."""
+        gamma (their initial variance) changes nothing, nor process_lr for a fixed process (a
+        baseline, a frozen structure), and 'auto' is the predictor it resolves to."""
         process, hyper = self.process_config(), {}
-        decided = {**self.hyper, "n_aux": self.n_aux}
+        decided = {**self.hyper, "n_aux": self.n_aux, "fixed_process": self.fixed_process}
         for dim in dimensions.hyper():  # inert values are aliases: left out (from the process section too)
             if dim.inert(decided):
                 if dim.run_key and dim.run_key[0] == "process":
@@ -128,8 +134,9 @@ class TrialPlan:
 
 
 def baseline_params(spec: SearchSpec, seed: int) -> dict[str, Any]:
-    """Fixed parameters enqueued for a baseline trial: every searched hyperparameter at its
-    default (fixed value, first choice or range midpoint), and the seed."""
+    """A baseline's default configuration and the seed: every searched hyperparameter at its
+    default (fixed value, first choice or range midpoint).  The first of each baseline's grid
+    (search/baselines.py, which enqueues the others too)."""
     params = {dim.name: dim.default(spec) for dim in dimensions.hyper() if dim.searched(spec)}
     if SEED.searched(spec):
         params[SEED.name] = seed

@@ -19,6 +19,7 @@ from typing import Any, Optional
 from ..errors import MDMError
 from . import dimensions
 from .dimensions import default_value, is_structural
+from .baselines import BaselineGrid, baseline_grids
 from .plan import TrialPlan, suggest_plan
 from .spec import FloatRange, SearchSpec
 
@@ -105,7 +106,8 @@ class SpaceSummary:
     hyper: dict[str, str] = field(default_factory=dict)  # name -> "fixed 0.002", "3 choices", "continuous"
     continuous: list[str] = field(default_factory=list)
     configs: Optional[int] = None  # distinct searched configurations x seeds (None: infinite/unknown)
-    baselines: int = 0
+    baselines: int = 0  # baseline runs: each baseline's grid of hyperparameters x seeds (search/baselines.py)
+    baseline_grids: list[BaselineGrid] = field(default_factory=list)
 
     @property
     def valid(self) -> list[Structure]:
@@ -125,8 +127,9 @@ def enumerate_space(spec: SearchSpec, *, check: bool = True) -> SpaceSummary:
     number of distinct configurations (None if a hyperparameter is continuous or the structure
     space is too large to enumerate)."""
     leaves = _walk(spec, is_structural)
+    grids = baseline_grids(spec)
     summary = SpaceSummary(raw_structures=None if leaves is None else len(leaves),
-                           baselines=len(spec.baselines) * len(spec.seeds))
+                           baselines=sum(len(g.configs) for g in grids) * len(spec.seeds), baseline_grids=grids)
     summary.hyper = _hyper_table(spec)
     if leaves is None:
         return summary
@@ -153,19 +156,20 @@ def enumerate_space(spec: SearchSpec, *, check: bool = True) -> SpaceSummary:
 
 def _count_configs(spec: SearchSpec, structures: list[Structure]) -> tuple[int, list[str]]:
     """Distinct (configuration hash) searched configurations over all seeds, and the continuous
-    hyperparameters.  The hyperparameters' aliasing depends only on K, so it is counted once
-    per K and multiplied by that K's distinct structures."""
-    per_k: dict[int, int] = {}
+    hyperparameters.  The hyperparameters' aliasing depends only on K and on whether Q, D are
+    learned (gamma at K = 0, process_lr when frozen), so it is counted once per (K, learn) and
+    multiplied by its distinct structures."""
+    per_k: dict[tuple, int] = {}
     continuous: set[str] = set()
     for s in structures:
-        k = s.plan.n_aux
+        k = (s.plan.n_aux, s.plan.learn)
         if k not in per_k:
             fixed = {name: value for name, value in s.plan.params.items() if is_structural(name)}
             leaves = _walk(spec, lambda name: not is_structural(name), fixed, limit=100_000) or []
             per_k[k] = len({plan.config_hash(spec) for plan, _ in leaves})
             for _, probe in leaves:
                 continuous.update(probe.continuous)
-    return sum(per_k[s.plan.n_aux] for s in structures), sorted(continuous)
+    return sum(per_k[(s.plan.n_aux, s.plan.learn)] for s in structures), sorted(continuous)
 
 
 def _hyper_table(spec: SearchSpec) -> dict[str, str]:
@@ -251,17 +255,16 @@ def describe(spec: SearchSpec, summary: SpaceSummary, estimate: Optional[TimeEst
     if 0 in {s.plan.n_aux for s in summary.structures} and "fixed" not in summary.hyper["gamma"]:
         lines.append("  (gamma is ignored at K = 0: no auxiliary variables to start)")
     if summary.finite:
-        lines.append(f"configurations: {summary.configs} distinct searched configurations (all seeds), "
-                     f"plus {summary.baselines} baseline run(s)")
+        lines.append(f"configurations: {summary.configs} distinct searched configurations (all seeds)")
         if summary.configs < spec.n_trials:
             lines.append(f"  n_trials {spec.n_trials} exceeds the space: the search stops once all "
                          f"{summary.configs} are tried")
     elif summary.continuous:
         lines.append(f"configurations: unbounded (continuous: {', '.join(summary.continuous)})")
+    lines.extend(_baseline_lines(spec, summary))
     if estimate is not None:
-        trained = spec.n_trials + summary.baselines
-        if summary.finite:
-            trained = min(spec.n_trials, summary.configs) + summary.baselines
+        # baseline runs count toward n_trials; a finite space stops once exhausted
+        trained = min(spec.n_trials, summary.configs + summary.baselines) if summary.finite else spec.n_trials
         total = estimate.trial_s * trained / spec.workers
         lines.append(f"estimated time: {estimate.trial_s:.0f} s per trial at full budget ({estimate.label}: "
                      f"{estimate.step_s * 1e3:.0f} ms/step, {estimate.eval_s * 1e3:.2f} ms per evaluated example "
@@ -273,6 +276,28 @@ def describe(spec: SearchSpec, summary: SpaceSummary, estimate: Optional[TimeEst
                      f"{c.top_k - 1} runner(s)-up on up to {c.seeds} fresh seeds from {c.seed_start}, "
                      f"{c.test_n_t or spec.budget.test_n_t} strata each)")
     return "\n".join(lines)
+
+
+def _baseline_lines(spec: SearchSpec, summary: SpaceSummary) -> list[str]:
+    """The baselines' grids (search/baselines.py), and what their runs leave of n_trials."""
+    if not summary.baseline_grids:
+        return ["baselines: none"]
+    searched = [d.name for d in dimensions.hyper() if d.searched(spec)]
+    parts = []
+    for g in summary.baseline_grids:
+        count = f"{len(g.configs)} of {g.distinct}" if len(g.configs) < g.distinct else f"{len(g.configs)}"
+        inert = ", ".join(n for n in searched if n not in g.searched)
+        what = ", ".join(g.searched) or "nothing to search"
+        parts.append(f"{g.name.upper()} {count} ({what}" + (f"; inert: {inert})" if inert else ")"))
+    lines = [f"baselines: {summary.baselines} run(s), each baseline's applicable hyperparameters on a grid x "
+             f"{len(spec.seeds)} seed(s): " + "; ".join(parts)]
+    left = spec.n_trials - summary.baselines
+    if left > 0:
+        lines.append(f"  baseline runs count toward n_trials: {left} of {spec.n_trials} left for the searched structures")
+    else:
+        lines.append(f"  n_trials {spec.n_trials} <= {summary.baselines} baseline runs: only the first {spec.n_trials} "
+                     "run and no structure is searched; raise n_trials or lower baseline_configs")
+    return lines
 
 
 def _duration(seconds: float) -> str:

@@ -174,6 +174,9 @@ class SearchSpec(_Strict):
     structure: StructureSpace = Field(default_factory=StructureSpace)
     hyper: HyperSpace = Field(default_factory=HyperSpace)
     baselines: list[str] = Field(default_factory=lambda: list(BASELINES))
+    baseline_configs: int = Field(8, ge=1, description="hyperparameter configurations per baseline at most: the grid "
+                                                       "of its applicable searched hyperparameters (search/baselines.py)"
+                                                       "; 1: every one at its default")
     seeds: list[int] = Field(default_factory=lambda: [0], description="training seeds; each config runs once per seed")
     n_trials: int = Field(20, gt=0)
     workers: int = Field(1, gt=0)
@@ -230,10 +233,11 @@ class SearchSpec(_Strict):
         return v
 
     def normalized(self) -> dict:
-        """The part of the spec that defines the study's search space (hashed and stored)."""
+        """The part of the spec that defines the study's search space (hashed and stored).  Budgets
+        are left out: n_trials, and baseline_configs (read once, when the study enqueues its baselines)."""
         keep = self.model_dump(mode="json", exclude={"n_trials", "workers", "storage", "studies_dir",
                                                        "leaderboard_dir", "executor", "resources",
-                                                       "time_budget_s", "confirm"})
+                                                       "time_budget_s", "confirm", "baseline_configs"})
         for where_it_runs in ("device", "threads", "devices"):  # not the space: the same runs up to float order
             keep["budget"].pop(where_it_runs, None)
         if self.objective.second != "kid":  # a measurement of every trial, not what the search optimizes

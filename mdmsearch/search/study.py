@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from ..errors import ConfigError
 from ..preflight import connect_args
 from . import adapters, dimensions
-from .plan import baseline_params
+from .baselines import baseline_trials
 from .record import (KEYS, Outcome, StudyKey, TrialRecord, enqueue, records, study_get, study_set,  # noqa: F401
                      write_by_id)
 from .spec import SearchSpec
@@ -193,9 +193,8 @@ def open_study(spec: SearchSpec, *, allow_spec_change: bool = False, create: boo
             study_set(study, StudyKey.SPEC_HASH, h)
             study_set(study, StudyKey.SPEC, spec.normalized())
             study_set(study, StudyKey.CREATED_AT, datetime.now(timezone.utc).isoformat())
-            for seed in spec.seeds:
-                for name in spec.baselines:
-                    enqueue(study, baseline_params(spec, seed), baseline=name)
+            for name, params in baseline_trials(spec):  # each baseline's grid of hyperparameters, every seed
+                enqueue(study, params, baseline=name)
         elif study_get(study, StudyKey.SPEC_HASH) != h:
             if not allow_spec_change:
                 raise ConfigError(
