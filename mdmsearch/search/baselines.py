@@ -33,7 +33,7 @@ from typing import Any
 import optuna
 
 from . import dimensions
-from .dimensions import SEED, Dim
+from .dimensions import SEED, Dim, default_value
 from .plan import suggest_plan
 from .spec import FloatRange, SearchSpec
 
@@ -63,9 +63,15 @@ def range_points(r: FloatRange, n: int = CONTINUOUS_POINTS) -> list[float]:
     """Centres of ``n`` equal bins of a continuous range in its scale, the midpoint (the default)
     first: for low=1e-4, high=1e-2, log, n=3: [1e-3, 2.15e-4, 4.64e-3]."""
     fractions = sorted(((i + 0.5) / n for i in range(n)), key=lambda f: (abs(f - 0.5), f))
-    if r.log:  # x = low * (high / low)^f: equal bins of log x
-        return [math.exp(math.log(r.low) + f * (math.log(r.high) - math.log(r.low))) for f in fractions]
-    return [r.low + f * (r.high - r.low) for f in fractions]
+    return [default_value(r) if f == 0.5 else _at(r, f) for f in fractions]  # (the default exactly, as before)
+
+
+def _at(r: FloatRange, f: float) -> float:
+    """The point a fraction ``f`` along a range in its scale: x = low * (high / low)^f for a log
+    range (equal bins of log x), low + f (high - low) otherwise."""
+    if r.log:
+        return math.exp(math.log(r.low) + f * (math.log(r.high) - math.log(r.low)))
+    return r.low + f * (r.high - r.low)
 
 
 def grid_values(dim: Dim, spec: SearchSpec) -> list:
