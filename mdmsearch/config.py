@@ -221,8 +221,22 @@ class QualityConfig(_Strict):
         return v
 
 
+STREAMS = ("init", "data", "diffusion")  # the named seed streams of a run (docs/training.md)
+
+
+class SeedStreams(_Strict):
+    """Seeds of a run's random streams, each ``train.seed`` when not given: ``init`` the network's
+    initial weights (layer by layer) and a learned process's initial noise, ``data`` the order of
+    the batches and their dequantization, ``diffusion`` the times and the noise of the forward
+    process.  (The evaluation stream is ``train.eval_seed``, shared by every run.)"""
+
+    init: Optional[int] = None
+    data: Optional[int] = None
+    diffusion: Optional[int] = None
+
+
 class TrainConfig(_AddedLater):
-    ADDED_LATER: ClassVar[tuple[str, ...]] = ("devices", "quality")
+    ADDED_LATER: ClassVar[tuple[str, ...]] = ("devices", "quality", "streams", "seeds")
 
     steps: int = Field(1000, gt=0)
     eval_every: int = Field(200, gt=0)
@@ -237,6 +251,14 @@ class TrainConfig(_AddedLater):
     adaptive_refresh: int = Field(100, gt=0, description="steps between re-tabulations of the adaptive p(t)")
     t_min: float = Field(1e-3, gt=0, lt=1)
     seed: int = 0
+    # common random numbers: with "crn", runs of the same seeds draw the same batches, times, data noise and
+    # initial weights of the layers their structures share, whatever K; "shared" is the one stream of earlier
+    # versions (a run of it is the run those versions trained, bit for bit)
+    streams: Literal["crn", "shared"] = Field(
+        "crn", description="how the seeds become random streams: 'crn' named streams shared across structures, "
+                           "'shared' one stream for dequantization, times and noise (earlier versions)")
+    seeds: Optional[SeedStreams] = Field(None, description="seeds of the init, data and diffusion streams set apart "
+                                                           "(each defaults to train.seed; streams crn only)")
     eval_seed: int = 12345
     device: str = "auto"
     n_samples: int = Field(64, ge=0, description="samples drawn into the grid at the end (0 = none)")
@@ -246,6 +268,20 @@ class TrainConfig(_AddedLater):
     devices: int = Field(1, gt=0, description="processes that train this one run data-parallel (CPU: one per share of "
                                               "the cores; CUDA: one per GPU, cuda:0 .. cuda:N-1); optim.batch_size "
                                               "is the global batch, split evenly between them")
+
+    @model_validator(mode="after")
+    def _streams_apart(self):
+        if self.seeds is not None and self.streams != "crn":
+            raise ValueError("train.seeds sets streams apart: it needs train.streams crn (with 'shared' one stream "
+                             "draws the dequantization, times and noise)")
+        return self
+
+    def stream_seed(self, stream: str) -> int:
+        """The seed of ``stream`` (one of :data:`STREAMS`): ``seeds.<stream>``, else ``seed``."""
+        if stream not in STREAMS:
+            raise ValueError(f"unknown seed stream {stream!r}; streams: {', '.join(STREAMS)}")
+        given = getattr(self.seeds, stream) if self.seeds is not None else None
+        return self.seed if given is None else given
 
 
 class RunConfig(_Strict):

@@ -200,10 +200,20 @@ class LinearMDM(nn.Module):
         eps: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         kernel: Kernel | None = None,
+        aux_generator: torch.Generator | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, Kernel]:
-        """Draw z_t ~ q(z_t | x) = N(m_t, Sigma_t): z_t = m_t + L_t eps.  Returns (z_t, eps, kernel)."""
+        """Draw z_t ~ q(z_t | x) = N(m_t, Sigma_t): z_t = m_t + L_t eps.  Returns (z_t, eps, kernel).
+
+        eps [B, n, *shape] comes from ``generator``; with ``aux_generator``, eps[:, :1] (the data
+        coordinate) from ``generator`` and eps[:, 1:] (the K auxiliaries) from ``aux_generator``, so
+        that the data coordinate's noise is the same draw whatever K (common random numbers)."""
         kern = kernel if kernel is not None else self.kernel(t, given="x")
-        if eps is None:
+        if eps is None and aux_generator is not None:
+            shape = (x.shape[0], *x.shape[1:])
+            eps = torch.cat([draws.randn((shape[0], 1, *shape[1:]), generator, dtype=x.dtype, device=x.device),
+                             draws.randn((shape[0], self.n_aux, *shape[1:]), aux_generator, dtype=x.dtype,
+                                         device=x.device)], dim=1)
+        elif eps is None:
             eps = draws.randn((x.shape[0], self.n, *x.shape[1:]), generator, dtype=x.dtype, device=x.device)
         z = self.mean(x, kern.phi) + apply_matrix(kern.chol, eps)  # [B, n, *shape]
         return z, eps, kern

@@ -5,6 +5,7 @@ preset (``tiny``, ``small``, ``paper``); see :mod:`mdmsearch.nets.presets`.
 """
 
 from mdmsearch.nets.embeddings import prepare_time, sinusoidal_embedding
+from mdmsearch.nets.init import init_by_name, named_seed
 from mdmsearch.nets.presets import MLP_PRESETS, NETWORK_PRESETS, UNET_PRESETS
 from mdmsearch.nets.registry import (
     NETWORKS,
@@ -30,6 +31,8 @@ __all__ = [
     "build_network",
     "count_parameters",
     "get_preset",
+    "init_by_name",
+    "named_seed",
     "prepare_time",
     "register_network",
     "sinusoidal_embedding",

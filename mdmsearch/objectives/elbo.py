@@ -86,8 +86,10 @@ def diffusion_term_dsm(
     generator: torch.Generator | None = None,
     rao_blackwell: bool = True,
     kernel: Kernel | None = None,
+    aux_generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One-sample estimate of the time integral (denoising form), [B] float64.
+    """One-sample estimate of the time integral (denoising form), [B] float64.  ``aux_generator``:
+    the auxiliaries' noise apart from the data coordinate's (:meth:`LinearMDM.perturb`).
 
     |s - grad log q|^2_M = |R (eps_hat - eps)|^2 with R = sqrt(2 beta) G^T L^{-T} (D = G G^T),
     and E|grad log q|^2_M = d tr(M Sigma^{-1}) = d ||R||_F^2, exactly.
@@ -98,7 +100,8 @@ def diffusion_term_dsm(
     that involve the network are left to Monte Carlo.
     """
     d, n = x[0].numel(), process.n
-    z, eps, kern = process.perturb(x, t, generator=generator, kernel=kernel)  # z, eps: [B, n, *shape]
+    z, eps, kern = process.perturb(x, t, generator=generator, kernel=kernel,
+                                   aux_generator=aux_generator)  # z, eps: [B, n, *shape]
     # one triangular solve gives L^{-1} G (so R^T) and q = L^{-1} Phi e_1 (the residual's direction)
     g = process.D_factor.expand(z.shape[0], -1, -1)  # [B, n, n]
     sol = torch.linalg.solve_triangular(kern.chol, torch.cat([g, kern.phi[..., :1]], dim=-1), upper=False)
@@ -190,12 +193,16 @@ def elbo_terms(
     generator: torch.Generator | None = None,
     time_generator: torch.Generator | None = None,
     rao_blackwell: bool = True,
+    aux_generator: torch.Generator | None = None,
 ) -> ELBOTerms:
     """All pieces of the per-example ELBO of x [B, *shape] (nats).
 
     ``time_generator`` (default: ``generator``) draws the times alone, so that evaluations of
     different processes share their time strata whatever the number of variables (common
-    random numbers); ``rao_blackwell`` see :func:`diffusion_term_dsm`."""
+    random numbers); ``aux_generator`` (default: ``generator``) draws the auxiliaries' noise
+    of the time integral apart from the data coordinate's, which then is the same draw whatever
+    K (training; the truncation term draws from ``generator``); ``rao_blackwell`` see
+    :func:`diffusion_term_dsm`."""
     sampler = _sampler(process, time_sampler, t_min)
     batch = x.shape[0]
     diff = torch.zeros(batch, dtype=_DT, device=x.device)
@@ -208,7 +215,7 @@ def elbo_terms(
         if i == 0:  # the prior term's transition at T rides along in the same batched exponential
             kern, at_end = process.kernel_and_end(t)
         diff = diff + diffusion_term_dsm(process, x, model, t, w, parameterization=parameterization, generator=generator,
-                                         rao_blackwell=rao_blackwell, kernel=kern)
+                                         rao_blackwell=rao_blackwell, kernel=kern, aux_generator=aux_generator)
     trunc = (
         truncation_term(process, x, model, sampler.t_min, parameterization=parameterization, generator=generator)
         if truncation

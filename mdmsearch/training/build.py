@@ -3,10 +3,13 @@
 Data, process, network, noise predictor (the network alone, or the exact Gaussian part plus
 the network; under autocast for ``model.precision`` bf16/fp16), the training and evaluation
 time samplers, the optimizer over the network and process parameter groups, the warm-up
-schedule, the EMA, the two random generators and the fp16 loss scaler.
+schedule, the EMA, the random generators (:mod:`.streams`) and the fp16 loss scaler.
 
-The order of construction is part of the result: the network's initialization draws from
-torch's global generator, seeded with ``train.seed`` before anything else is built, so a
+With ``train.streams: crn`` (the default) the network's initial weights are drawn layer by layer
+from streams named by the layer (:func:`~mdmsearch.nets.init_by_name`, from the init seed) and
+every other draw from its own named generator (:mod:`.streams`).  With ``shared`` (earlier
+versions) the order of construction is part of the result: the network's initialization draws
+from torch's global generator, seeded with ``train.seed`` before anything else is built, so a
 run is the same run whoever builds it.
 """
 
@@ -22,13 +25,14 @@ from ..config import RunConfig, resolve_parameterization
 from ..data import DataBundle, load_from_config
 from ..errors import ConfigError
 from ..diffusion.process import LinearMDM
-from ..nets import build_network, count_parameters
+from ..nets import build_network, count_parameters, init_by_name, named_seed
 from ..objectives import make_time_sampler
 from ..objectives.residual import GaussianStats, ResidualEps, residual_stats
 from ..objectives.time_sampling import TimeSampler
 from .ema import EMA
 from .evaluate import data_moments
 from .precision import autocast_network, make_scaler
+from .streams import Streams, make_streams
 
 __all__ = ["Parts", "build_parts", "resolve_device", "configure_cuda", "CUDA_DEFAULTS", "network_name", "make_optimizer",
            "make_scheduler",
@@ -57,7 +61,10 @@ class Parts:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     ema: EMA  # of network and process parameters: the weights a run reports
     data_gen: torch.Generator  # batch indices (CPU)
-    noise_gen: torch.Generator  # t, eps, dequantization (device)
+    noise_gen: torch.Generator  # crn: eps of the data coordinate; shared: t, eps, dequantization (device)
+    deq_gen: Optional[torch.Generator]  # crn: dequantization (device); shared: None (noise_gen)
+    time_gen: Optional[torch.Generator]  # crn: the uniforms behind t (device); shared: None (noise_gen)
+    aux_gen: Optional[torch.Generator]  # crn: eps of the auxiliary coordinates (device); shared: None (noise_gen)
     n_params: int  # network parameters
     scaler: Optional[torch.amp.GradScaler]  # loss scaling of fp16 training (None for fp32, bf16)
 
@@ -140,9 +147,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, warmup: int) -> torch.optim
 def residual_statistics(config: RunConfig, data: DataBundle) -> GaussianStats:
     """mu, s2 per coordinate of the training split in model space (dequantized with a fixed
     seed, logit-transformed), reduced to ``model.residual_stats``."""
-    gen = torch.Generator().manual_seed(config.train.seed + 3)
+    gen = torch.Generator().manual_seed(_residual_seed(config))
     mean, var = data_moments(data.train, data.levels, gen)
     return GaussianStats(*residual_stats(mean, var, config.model.residual_stats), kind=config.model.residual_stats)
+
+
+def _residual_seed(config: RunConfig) -> int:
+    """The seed of the dequantization behind the Gaussian part's statistics: the data stream's."""
+    tc = config.train
+    return named_seed(tc.stream_seed("data"), "residual_stats") if tc.streams == "crn" else tc.seed + 3
 
 
 def _build_model(config: RunConfig, data: DataBundle, process: LinearMDM,
@@ -151,7 +164,10 @@ def _build_model(config: RunConfig, data: DataBundle, process: LinearMDM,
     prediction plus the network (statistics of the training split, fixed) for ``mixed``; the
     predictor calls the network under autocast for ``model.precision`` bf16 / fp16."""
     net = build_network(network_name(config, data.shape), n_vars=process.n, data_shape=tuple(data.shape),
-                        size=config.model.size, **config.model.options).to(device)
+                        size=config.model.size, **config.model.options)
+    if config.train.streams == "crn":  # layers shared across structures start alike (common random numbers)
+        init_by_name(net, config.train.stream_seed("init"))
+    net = net.to(device)
     parameterization = resolve_parameterization(config.model.parameterization, process.n_aux)
     called = autocast_network(net, config.model.precision, device)  # net itself for fp32
     model = (ResidualEps(called, residual_statistics(config, data)).to(device)
@@ -167,9 +183,10 @@ def build_parts(config: RunConfig, data: Optional[DataBundle] = None, device: Op
     device = device if device is not None else resolve_device(tc.device)
     if device.type == "cuda":
         configure_cuda()
-    torch.manual_seed(tc.seed)
+    streams: Streams = make_streams(tc, device)
+    torch.manual_seed(tc.stream_seed("init"))  # (shared: train.seed; the network's init draws from it)
     data = data if data is not None else load_from_config(config.data)
-    process: LinearMDM = config.process.build(seed=tc.seed).to(device)
+    process: LinearMDM = config.process.build(seed=tc.stream_seed("init")).to(device)
     process.validate()  # invalid structures cost no training
     net, parameterization, model = _build_model(config, data, process, device)
     train_x = data.train.to(device)
@@ -182,7 +199,6 @@ def build_parts(config: RunConfig, data: Optional[DataBundle] = None, device: Op
         model=model, time_sampler=time_sampler, eval_sampler=eval_sampler, process_params=process_params,
         optimizer=optimizer, scheduler=make_scheduler(optimizer, config.optim.warmup),
         ema=EMA(list(net.parameters()) + process_params, config.optim.ema),
-        data_gen=torch.Generator().manual_seed(tc.seed + 1),
-        noise_gen=torch.Generator(device=device).manual_seed(tc.seed + 2),
+        data_gen=streams.data, noise_gen=streams.noise, deq_gen=streams.deq, time_gen=streams.time, aux_gen=streams.aux,
         n_params=count_parameters(net), scaler=make_scaler(config.model.precision, device),
     )

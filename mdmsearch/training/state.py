@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Optional
 import torch
 
 from ..errors import ConfigError
+from .streams import DEVICE_GENERATORS, generator_seed
 
 if TYPE_CHECKING:  # (the trainer imports this module)
     from .trainer import Trainer
@@ -35,7 +36,7 @@ def run_state(tr: "Trainer") -> dict:
         "scheduler": tr.scheduler.state_dict(),
         "scaler": tr.scaler.state_dict() if tr.scaler is not None else None,
         "rng": {"torch": torch.get_rng_state(), "data": tr.data_gen.get_state(),
-                "noise": tr.noise_gen.get_state(),
+                **{name: gen.get_state() for name, gen in _device_generators(tr)},  # noise (+ deq, time, aux)
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
         "time_sampler": tr.time_sampler.state_dict() or None,
     }
@@ -75,10 +76,23 @@ def _restore_training(tr: "Trainer", state: dict) -> None:
     rng = state["rng"]
     torch.set_rng_state(_host_bytes(rng["torch"]))
     tr.data_gen.set_state(_host_bytes(rng["data"]))
-    _restore_generator(tr.noise_gen, rng["noise"], reseed=tr.config.train.seed + 2, step=tr.step)
+    for name, gen in _device_generators(tr):
+        seed = generator_seed(tr.config.train, name)
+        if name in rng:
+            _restore_generator(gen, rng[name], reseed=seed, step=tr.step)
+        else:  # a checkpoint of an earlier version (one noise stream): these streams start at this step
+            gen.manual_seed(hash((int(seed), int(tr.step))) & 0x7FFF_FFFF_FFFF)
+            log.warning("the checkpoint has no %r generator (written before the streams were set apart): "
+                        "resumed with it seeded from (its seed, step %d)", name, tr.step)
     restore_cuda_rng(rng.get("cuda"))
     if state.get("time_sampler") and tr.time_sampler.state_dict():  # (a sampler without state keeps none)
         tr.time_sampler.load_state_dict(state["time_sampler"], device=tr.device)
+
+
+def _device_generators(tr: "Trainer") -> list[tuple[str, torch.Generator]]:
+    """(name, generator) of the run's device generators (:data:`.streams.DEVICE_GENERATORS`; the
+    ``deq``, ``time`` and ``aux`` generators exist with streams crn only)."""
+    return [(name, gen) for name in DEVICE_GENERATORS if (gen := getattr(tr, f"{name}_gen")) is not None]
 
 
 def _host_bytes(rng_state: torch.Tensor) -> torch.Tensor:

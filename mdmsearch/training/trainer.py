@@ -136,6 +136,9 @@ class Trainer:
     ema: EMA
     data_gen: torch.Generator
     noise_gen: torch.Generator
+    deq_gen: Optional[torch.Generator]
+    time_gen: Optional[torch.Generator]
+    aux_gen: Optional[torch.Generator]
     n_params: int
     scaler: Optional[torch.amp.GradScaler]
 
@@ -179,10 +182,15 @@ class Trainer:
         to 0.014 nats/dim for trained digits models; evaluation always includes it.
 
         ``batch`` [b, *shape]: this process's rows of a batch of b x (processes) examples, whose
-        dequantization, times and noise are drawn for the whole batch (the rows of one process's draws)."""
-        noise = self.group.shard(self.noise_gen, batch.shape[0] * self.group.world)
-        x, _ = prepare_batch(batch, self.data.levels, noise)
-        nats = elbo(self.process, x, self.model, time_sampler=self.time_sampler, truncation=False, generator=noise)
+        dequantization, times and noise are drawn for the whole batch (the rows of one process's draws).
+        Streams ``crn``: each from its own generator (:mod:`.streams`); ``shared``: all three, in
+        that order, from ``noise_gen`` (the ``deq``, ``time`` and ``aux`` generators are None)."""
+        total = batch.shape[0] * self.group.world
+        noise, deq, times, aux = (self.group.shard(g, total) if g is not None else None
+                                  for g in (self.noise_gen, self.deq_gen, self.time_gen, self.aux_gen))
+        x, _ = prepare_batch(batch, self.data.levels, noise if deq is None else deq)
+        nats = elbo(self.process, x, self.model, time_sampler=self.time_sampler, truncation=False, generator=noise,
+                    time_generator=times, aux_generator=aux)
         return -nats.mean() / self.data.dim
 
     def _batch(self) -> torch.Tensor:
@@ -447,7 +455,7 @@ class Trainer:
         while self.step < tc.steps:
             # ranks 1.. reseed their global stream (dropout) from (seed, rank, step): a resumed
             # run draws the masks the uninterrupted one would have
-            self.group.separate_global_rng(tc.seed, self.step)
+            self.group.separate_global_rng(tc.stream_seed("init"), self.step)
             t0 = time.perf_counter()
             loss = self._step()
             evaluate = self.step % tc.eval_every == 0 or self.step == tc.steps
