@@ -233,3 +233,26 @@ def test_a_tiny_search_trains_each_baseline_configuration_once_and_races_the_bes
     raced = study.user_attrs["confirmation"]["baseline"]
     assert raced["group"] == best["config_group"]
     assert raced["label"] == f"VPSDE (time_sampler={best['time_sampler']})"
+
+
+def test_a_study_from_before_the_hash_change_keeps_its_groups(tmp_path):
+    """process_lr became inert for baselines, which changed their configuration hash: a study
+    created before keeps the groups its trials recorded, in the rows of its confirmation trials
+    (the group they were enqueued for) and in rebuilt rows (the group the trial recorded)."""
+    from mdmsearch.search import runner
+    from mdmsearch.search.rebuild import row_from_trial
+    from mdmsearch.search.record import Confirmation, enqueue, write
+
+    spec = _spec(tmp_path, baselines=[])
+    study = open_study(spec)
+    params = {"process_lr": 0.01, "gamma": 0.01, "time_sampler": "vp"}
+    enqueue(study, params, baseline="vpsde", confirm=Confirmation("old-group", "baseline", 1000, 1))
+    run = runner.begin(study.ask(), spec, "local")
+    assert run.row["config_group"] == "old-group" == TrialRecord.of(run.trial).config_group
+    enqueue(study, params, baseline="vpsde")
+    searched = runner.begin(study.ask(), spec, "local").trial  # (its plan read back, as a worker does)
+    write(searched, config_hash="old-hash", config_group="old-search-group")  # what an older hash recorded
+    study.tell(searched, 3.0)
+    rec = TrialRecord.of(study.trials[searched.number])
+    row = row_from_trial(spec, rec, "local")
+    assert (row["config_hash"], row["config_group"]) == ("old-hash", "old-search-group")

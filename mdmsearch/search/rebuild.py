@@ -65,6 +65,9 @@ def row_from_trial(spec: SearchSpec, t: TrialRecord, executor: str) -> dict:
     plan = suggest_plan(optuna.trial.FixedTrial(dict(t.params), number=t.number), spec,
                         baseline=t.baseline, **plan_overrides(spec, t))
     row = _base_row(spec, t.number, plan, executor, _utc(t.datetime_start), t.confirm)
+    # the identity the trial recorded when it ran wins over today's hash of its plan (dedupe and
+    # grouping stay what they were in a study from before a change of what is hashed)
+    row.update({k: v for k, v in (("config_hash", t.config_hash), ("config_group", t.config_group)) if v})
     art = artifact_dir(spec, t)
     row.update(state=_state(t), reason=t.reason, retry_of=t.retry_of, duplicate_of=t.duplicate_of, artifact_dir=str(art),
                finished_at=_utc(t.datetime_complete))

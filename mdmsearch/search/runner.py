@@ -56,7 +56,10 @@ def _base_row(spec: SearchSpec, number: int, plan: TrialPlan, executor: str, sta
         "q_mask": mask_json(plan.q_mask) if plan.q_mask else None,
         "d_mask": mask_json(plan.d_mask) if plan.d_mask else None, "q_nnz": q_nnz, "d_nnz": d_nnz,
         "structure_hash": plan.structure_hash(spec),
-        "config_hash": plan.config_hash(spec), "config_group": plan.config_hash(spec, with_seed=False),
+        # a confirmation trial belongs to the group it was enqueued for (the same hash, unless the study
+        # predates a change of what is hashed, e.g. process_lr made inert for baselines)
+        "config_hash": plan.config_hash(spec),
+        "config_group": confirm.group if confirm else plan.config_hash(spec, with_seed=False),
         "params": _json(plan.params),
         "lr": plan.hyper["lr"], "process_lr": plan.hyper["process_lr"], "gamma": plan.hyper["gamma"],
         "beta_1": plan.hyper["beta_1"], "time_sampler": plan.hyper["time_sampler"],
