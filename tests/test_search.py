@@ -130,7 +130,7 @@ def test_tiny_study_end_to_end(tmp_path):
     assert board.returncode == 0 and "VPSDE" in board.stdout and "learned" in board.stdout
     status = subprocess.run([sys.executable, "-m", "mdmsearch.cli", "status", "tiny", "--studies-dir",
                              str(tmp_path / "studies")], capture_output=True, text=True, cwd=tmp_path)
-    assert status.returncode == 0 and "COMPLETE" in status.stdout and "best so far" in status.stdout
+    assert status.returncode == 0 and "COMPLETE" in status.stdout and "winner (search only, not confirmed): learned" in status.stdout
     # running again is a no-op: the study already has its trials
     again = _run(tmp_path, spec)
     assert again.returncode == 0 and len(_board(tmp_path)) == 7

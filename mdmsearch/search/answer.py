@@ -116,8 +116,8 @@ def _best_group(study: optuna.Study, spec: Optional[SearchSpec], baselines: bool
         return None
     group, trials = min(groups.items(), key=lambda kv: (_mean(kv[1]), -len(kv[1]), kv[0]))
     best = _pick(trials)
-    return Winner(SEARCHED, group, _label(spec, best), best.number, _seed(best),
-                  sorted({_seed(t) for t in trials}), _mean(trials))
+    return Winner(SEARCHED, group, _label(spec, best), best.number, _seed(best, spec),
+                  sorted({_seed(t, spec) for t in trials}), _mean(trials))
 
 
 def best_searched(study: optuna.Study, spec: Optional[SearchSpec] = None) -> Optional[Winner]:
@@ -126,13 +126,21 @@ def best_searched(study: optuna.Study, spec: Optional[SearchSpec] = None) -> Opt
     return _best_group(study, spec or study_spec(study), baselines=False)
 
 
-def _seed(t: TrialRecord) -> int:
-    return int(t.confirm.seed if t.confirm else t.params.get("seed", 0))
+def _seed(t: TrialRecord, spec: Optional[SearchSpec] = None) -> int:
+    """A trial's training seed: a fresh one, the searched one, else the spec's only seed."""
+    if t.confirm:
+        return int(t.confirm.seed)
+    if "seed" in t.params or spec is None:
+        return int(t.params.get("seed", 0))
+    return int(spec.seeds[0])
 
 
 def _fresh(study: optuna.Study, spec: Optional[SearchSpec], group: str, info: dict) -> Optional[Winner]:
-    """A raced configuration with its fresh seeds: its best fresh trial, their mean."""
-    fresh = [t for t in _trained(study, confirmation=True) if t.confirm.group == group]
+    """A raced configuration with its fresh seeds (those behind the confirmation's margin, when it
+    names them): its best fresh trial, their mean."""
+    keep = set(info.get("fresh_seeds") or [])
+    fresh = [t for t in _trained(study, confirmation=True)
+             if t.confirm.group == group and (not keep or t.confirm.seed in keep)]
     if not fresh:  # (its fresh-seed trials were removed from the storage)
         return None
     best = _pick(fresh)
@@ -156,7 +164,7 @@ def reference_baseline(study: optuna.Study, spec: Optional[SearchSpec] = None) -
     spec = spec or study_spec(study)
     info = study_get(study, StudyKey.CONFIRMATION) or {}
     if info.get("winner"):
-        found = _fresh(study, spec, info["baseline"]["group"], {})
+        found = _fresh(study, spec, info["baseline"]["group"], {"fresh_seeds": info.get("fresh_seeds")})
         if found is not None:
             return found
     return _best_group(study, spec, baselines=True)

@@ -378,7 +378,7 @@ def _status_lines(info: dict) -> list[str]:
                      f"seed{'s' if st['seeds'] != 1 else ''}, including those that selected it): "
                      f"{st['vs_baseline']:+.4f}{se} bpd, P(better) {st['p_better']:.2f}: {st['verdict']} "
                      f"({st['label']})")
-    if info["best"]:
+    if info["best"] and w and w["source"] == "confirmation":  # (unconfirmed, the winner line says it)
         b, n = info["best"], len(info["best"]["seeds"])
         lines.append(f"best so far (search trials): {b['label']}: mean val_bpd={b['val_bpd']:.4f} over {n} "
                      f"seed{'s' if n != 1 else ''} (trial {b['trial']} is its best seed)")
