@@ -78,17 +78,27 @@ def study_spec(study: optuna.Study) -> Optional[SearchSpec]:
 
 
 def _group(spec: Optional[SearchSpec], t: TrialRecord) -> str:
-    if t.config_group or spec is None:
-        return t.config_group or repr(sorted((k, v) for k, v in t.params.items() if k != "seed"))
-    return group_of(spec, t)
+    """The trial's configuration group: recorded on it, else recomputed from the spec, else (a
+    trial whose parameters no longer make a plan) its parameters without the seed."""
+    if t.config_group:
+        return t.config_group
+    if spec is not None:
+        try:
+            return group_of(spec, t)
+        except (ValueError, KeyError) as exc:  # Optuna's FixedTrial: a parameter the spec asks is missing
+            log.debug("trial %d: no plan from its parameters (%s)", t.number, exc)
+    return repr((t.baseline, sorted((k, v) for k, v in t.params.items() if k != "seed")))
 
 
 def _label(spec: Optional[SearchSpec], t: TrialRecord) -> str:
     from .confirm import _plan_of
 
-    if spec is None:
-        return t.baseline.upper() if t.baseline else f"learned {dict(t.params)}"
-    return _plan_of(spec, t).label()
+    if spec is not None:
+        try:
+            return _plan_of(spec, t).label()
+        except (ValueError, KeyError) as exc:
+            log.debug("trial %d: no plan from its parameters (%s)", t.number, exc)
+    return t.baseline.upper() if t.baseline else f"learned {dict(t.params)}"
 
 
 def _trained(study: optuna.Study, confirmation: bool) -> list[TrialRecord]:
