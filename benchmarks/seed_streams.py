@@ -36,6 +36,7 @@ from _common import OUT, md_table, write
 
 STREAMS = ("init", "data", "diffusion")
 EVAL_SEED = 12345
+EVAL_SEEDS = 6  # evaluation seeds of the seed-0 models (the evaluation stream's variance)
 CONFIGS = {
     "vpsde": {"process": {"name": "vpsde"}, "optim": {}, "train": {"time_sampler": "vp"}},
     "winner": {"process": {"name": "learned", "n_aux": 3, "q_mask": "chain", "d_mask": "diag", "d_param": "full",
@@ -91,7 +92,7 @@ def jobs(n_seeds: int, steps: int, test_n_t: int) -> list[dict]:
             for name in CONFIGS:
                 job = {**base, "config": name, "streams": streams, "seed": seed, "part": "paired"}
                 if streams == "crn" and seed == 0:
-                    job["eval_seeds"] = n_seeds
+                    job["eval_seeds"] = EVAL_SEEDS
                 out.append(job)
     for value in range(1, n_seeds):  # value 0 is the all-zero run of part 1; streams interleaved (a cut run is balanced)
         for stream in STREAMS:
@@ -116,17 +117,31 @@ def paired(rows: list[dict], streams: str) -> dict:
             "se_diff": sd(diff) / math.sqrt(len(diff)) if diff else math.nan}
 
 
+def _values(rows: list[dict], name: str, part: str) -> dict:
+    """value of the varied seed -> (test BPD, the evaluation-seed BPDs) of config ``name`` (or the
+    per-seed difference ``winner - vpsde``) in ``part`` ("paired": crn runs, every stream = the seed)."""
+    def of(config):
+        keep = [r for r in rows if r["config"] == config and r["part"] == part and r["streams"] == "crn"]
+        key = (lambda r: r["seed"]) if part == "paired" else (lambda r: r["seeds"][part])
+        return {key(r): (r["test_bpd"], r.get("eval_test_bpd") or []) for r in keep}
+
+    if name != "winner - vpsde":
+        return of(name)
+    w, v = of("winner"), of("vpsde")
+    return {k: (w[k][0] - v[k][0], [a - b for a, b in zip(w[k][1], v[k][1])]) for k in w if k in v}
+
+
 def budget(rows: list[dict], name: str) -> list[dict]:
     """Variance of the held-out BPD with one stream varied, and with all varied, for ``name``."""
-    crn0 = {r["seed"]: r for r in rows if r["config"] == name and r["part"] == "paired" and r["streams"] == "crn"}
-    total = [r["test_bpd"] for r in crn0.values()]
+    crn0 = _values(rows, name, "paired")
+    total = [v for v, _ in crn0.values()]
     var_all = sd(total) ** 2
     out = []
     for stream in STREAMS:
-        vals = [crn0[0]["test_bpd"]] if 0 in crn0 else []
-        vals += [r["test_bpd"] for r in rows if r["config"] == name and r["part"] == stream]
+        vals = [crn0[0][0]] if 0 in crn0 else []
+        vals += [v for k, (v, _) in _values(rows, name, stream).items() if k != 0]
         out.append({"config": name, "stream": stream, "n": len(vals), "sd": sd(vals), "var": sd(vals) ** 2})
-    ev = crn0.get(0, {}).get("eval_test_bpd") or []
+    ev = crn0.get(0, (None, []))[1]
     out.append({"config": name, "stream": "eval", "n": len(ev), "sd": sd(ev), "var": sd(ev) ** 2})
     for r in out:
         r["share"] = r["var"] / var_all if var_all > 0 else math.nan
@@ -140,7 +155,7 @@ def budget(rows: list[dict], name: str) -> list[dict]:
 
 def report(rows: list[dict], args) -> None:
     pairs = [paired(rows, s) for s in ("shared", "crn")]
-    shares = budget(rows, "vpsde") + budget(rows, "winner")
+    shares = budget(rows, "vpsde") + budget(rows, "winner") + budget(rows, "winner - vpsde")
     f4 = "{:.4f}"
     t1 = md_table(pairs, ["streams", "seeds", "mean_diff", "se_diff", "sd_diff", "sd_winner", "sd_vpsde", "corr"],
                   {k: f4 for k in ("mean_diff", "se_diff", "sd_diff", "sd_winner", "sd_vpsde")} | {"corr": "{:.2f}"})
@@ -152,9 +167,13 @@ def report(rows: list[dict], args) -> None:
             f"median {statistics.median(secs):.0f} s of training each.\n\n"
             "## Paired differences (winner - vpsde), per seed\n\n" + t1 +
             "\n\n## Variance budget (streams crn): one stream varied at a time\n\n" + t2 +
-            "\n\nshare = the stream's variance / the variance with every stream varied; each variance has "
-            f"{args.seeds - 1} degrees of freedom (a 95% interval of a variance estimate with 5 df spans "
-            "0.39x to 6.0x), so shares are rough and need not sum to 1.")
+            "\n\nRows `winner - vpsde`: the per-seed difference of the two configurations under one seed "
+            "dictionary (what a comparison paired by seed sees); its `eval` row re-evaluates the two seed-0 "
+            "models with the same 6 evaluation seeds (the evaluation noise of a difference, which the "
+            "fixed evaluation seed of a search turns into an offset shared by every seed)."
+            "\n\nshare = the stream's variance / the variance with every stream varied; a variance of n values "
+            "has n - 1 degrees of freedom (a 95% interval of a variance estimate with 5 df spans 0.39x to "
+            "6.0x), so shares are rough and need not sum to 1.")
     path = write(args.name, {"steps": args.steps, "seeds": args.seeds, "test_n_t": args.test_n_t, "paired": pairs,
                              "budget": shares, "runs": rows}, note)
     print(path)
@@ -162,7 +181,7 @@ def report(rows: list[dict], args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--seeds", type=int, default=6)
+    ap.add_argument("--seeds", type=int, default=6, help="seeds of part 1, and values of each stream in part 2")
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--test-n-t", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
