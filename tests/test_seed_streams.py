@@ -196,3 +196,22 @@ def test_a_checkpoint_of_an_earlier_version_resumes(tmp_path, caplog):
     assert torch.equal(again.time_gen.get_state(), tr.time_gen.get_state())  # reproducible
     tr.fit()
     assert tr.step == 4
+
+
+def test_weights_by_name_keep_zero_layers_and_refuse_a_layer_they_cannot_draw(tmp_path):
+    """Zero-initialized layers (the U-Net's output and each residual branch's last convolution)
+    stay zero; a layer with parameters but no reset_parameters is one clear error."""
+    from mdmsearch.nets import init_by_name
+
+    net = Trainer(_cfg(K3), tmp_path).net
+    zero = [n for n, m in net.named_modules() if n == "conv_out" or n.endswith(".conv2")]
+    assert len(zero) > 4
+    assert all(not p.any() for n in zero for p in net.get_submodule(n).parameters())
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.s = torch.nn.Parameter(torch.ones(3))
+
+    with pytest.raises(ValueError, match="layer 'scale' .*no reset_parameters"):
+        init_by_name(torch.nn.ModuleDict({"scale": Scale()}), 0)
