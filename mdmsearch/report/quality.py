@@ -64,8 +64,9 @@ def kid_verdict(a: QualityPoint, b: QualityPoint) -> str:
                              {s: np.array([k]) for s, k in b.kid.items()})
     if res is None:
         return "no comparison"
-    se = f" ± {res.se:.3g}" if res.decided else ""
-    return f"{res.diff:+.3g}{se} KID ({res.seeds_text()}): {res.verdict}"
+    lo, hi = res.interval(res.alpha) if res.decided else (None, None)
+    ci = f" [{lo:+.3g}, {hi:+.3g}]" if res.decided else ""  # (the 95% interval)
+    return f"{res.diff:+.3g}{ci} KID ({res.seeds_text()}): {res.verdict}"
 
 
 def quality_section(ctx, draw) -> Section:
