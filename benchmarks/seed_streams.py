@@ -30,7 +30,6 @@ import math
 import statistics
 import tempfile
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 
 from _common import OUT, md_table, write
 
