@@ -42,13 +42,15 @@ def _train(out, seed: int, lr: float) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A: N_A seeds, learning rate 2e-3; B: N_B seeds, learning rate 1e-3 (worse by about five seed SD
-    after 200 steps)."""
+    """A: N_A seeds, learning rate 2e-3; B: N_B seeds, learning rate 5e-4 (worse by about ten seed SD
+    after 200 steps: measured with the default common-random-number streams, A 1.281 +- 0.032 over
+    10 seeds, B 1.772 +- 0.058 over 6; at 1e-3 the gap was 3-5 seed SD, too close to decide 80% of
+    the disjoint 3-vs-3 splits on every draw of seeds)."""
     logging.disable(logging.INFO)
     try:
         root = tmp_path_factory.mktemp("calibration")
         a = {s: _train(root / f"a{s}", s, 2e-3) for s in range(N_A)}
-        b = {s: _train(root / f"b{s}", s, 1e-3) for s in range(N_B)}
+        b = {s: _train(root / f"b{s}", s, 5e-4) for s in range(N_B)}
     finally:
         logging.disable(logging.NOTSET)
     return a, b
@@ -93,7 +95,7 @@ def test_same_configuration_groups_are_rarely_called_different(runs):
 
 @pytest.mark.slow
 def test_a_real_difference_is_found(runs):
-    """B (half the learning rate) is worse: found in most comparisons of disjoint groups of 3
+    """B (a quarter of the learning rate) is worse: found in most comparisons of disjoint groups of 3
     seeds a side (Welch) and of seed-paired groups of 4 (paired by seed; with 3, df = 2 leaves
     little power), never the other way round.  A rule with too wide an interval (e.g. the seed
     SD instead of its SE, or the wrong degrees of freedom) fails the bounds."""
