@@ -309,7 +309,7 @@ def _vs_best_baseline(rows, agg, confirmations: dict):
     words, where = [], []
     for rec in agg.to_dict("records"):
         comp = comps.get((rec["dataset"], rec["config_group"]))
-        lo, hi = interval95(comp)
+        lo, hi = verdict_interval(comp)
         for k, v in zip(cols, (comp.diff if comp else None, comp.se if comp and comp.decided else None, lo, hi,
                                1 - comp.alpha if lo is not None else None, comp.p_better if comp else None)):
             cols[k].append(v)
@@ -354,7 +354,7 @@ def confirmed_baselines(dataset: str, confirmations: dict) -> set:
     return {info["baseline"]["group"] for (ds, _), info in confirmations.items() if ds == dataset}
 
 
-def interval95(comp) -> tuple:
+def verdict_interval(comp) -> tuple:
     """The interval of a structure comparison at its verdict's level (95% unless a race's look
     decided at another), (None, None) when it is not decided."""
     if comp is None or not comp.decided:

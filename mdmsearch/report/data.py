@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..compare import ALPHA, TIE, StructureComparison, distinct_seeds
-from ..leaderboard import TIERS, config_label, confirmed_baselines, distinct_labels, interval95, margins, tier_of
+from ..leaderboard import TIERS, config_label, confirmed_baselines, distinct_labels, verdict_interval, margins, tier_of
 from ..errors import MDMError
 
 log = logging.getLogger(__name__)
@@ -401,7 +401,7 @@ def margin_sentence(learned: Optional[Entry], baseline: Optional[Entry], confirm
 
 def _ci(c: StructureComparison) -> str:
     """``-0.019, -0.005`` (95%), or ``-0.021, -0.003; 96% CI`` at a race's look's level."""
-    lo, hi = interval95(c)
+    lo, hi = verdict_interval(c)
     level = "" if c.alpha == ALPHA else f"; {100 * (1 - c.alpha):.0f}% CI"
     return f"{lo:+.{BPD_DECIMALS}f}, {hi:+.{BPD_DECIMALS}f}{level}"
 

@@ -30,7 +30,7 @@ import optuna
 from optuna.trial import TrialState
 from scipy import stats
 
-from ..compare import compare_structures, read_per_example, read_runs
+from ..compare import read_per_example
 from ..errors import MDMError
 from ..leaderboard import write_confirmation
 from .plan import suggest_plan
@@ -118,17 +118,6 @@ def fresh_runs(study: optuna.Study) -> dict[str, list[tuple[int, str]]]:
         if t.confirm and t.outcome == Outcome.COMPLETE and t.artifact_dir:
             runs.setdefault(t.confirm.group, []).append((t.confirm.seed, t.artifact_dir))
     return runs
-
-
-def standings(plan: dict, study: optuna.Study, split: str) -> dict:
-    """Each challenger against the incumbent and the incumbent against the baseline, on the
-    fresh seeds' ``split``: {"vs_baseline": comparison, "challengers": {group: comparison}}."""
-    runs = {g: read_runs(members, split=split) for g, members in fresh_runs(study).items()}
-    by_role = {c["role"]: c for c in plan["candidates"] if c["role"] != "challenger"}
-    inc, base = runs.get(by_role["incumbent"]["group"], {}), runs.get(by_role["baseline"]["group"], {})
-    challengers = {c["group"]: compare_structures(runs.get(c["group"], {}), inc)
-                   for c in plan["candidates"] if c["role"] == "challenger"}
-    return {"vs_baseline": compare_structures(inc, base), "challengers": challengers}
 
 
 def fresh_values(study: optuna.Study, split: str) -> dict[str, dict[int, object]]:
@@ -346,4 +335,4 @@ def rank_agreement(study: optuna.Study) -> dict:
             "first_overall": first["label"] if first else None}
 
 
-__all__ = ["Step", "confirmed_line", "describe", "headline", "interval", "margin_text", "finished", "group_of", "next_step", "plan_overrides", "prepare", "rank_agreement", "result", "select", "standings"]
+__all__ = ["Step", "confirmed_line", "describe", "headline", "interval", "margin_text", "finished", "group_of", "next_step", "plan_overrides", "prepare", "rank_agreement", "result", "select"]
