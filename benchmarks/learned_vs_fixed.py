@@ -14,6 +14,15 @@ start Q and D at a preset (K = 1 at CLD, K = 2 at MALDA).
     python benchmarks/learned_vs_fixed.py --datasets digits --variants eps mixed-floored
     python benchmarks/learned_vs_fixed.py --datasets mnist --jobs 2       # 600 steps, 3 seeds
     python benchmarks/learned_vs_fixed.py --datasets mnist --steps 20000  # on a GPU
+    python benchmarks/learned_vs_fixed.py --fair --datasets digits --jobs 2   # tuned, fresh seeds, 95% CI
+
+``--fair`` is the comparison as the product makes it (issue 31): every process, fixed or learned,
+gets the same hyperparameter grid (the time sampler, vp or adaptive: the one searched
+hyperparameter that applies to all of them), the best setting per process is picked on seed 0's
+validation BPD, then the best learned and the best tuned fixed process train on ``--fresh`` new
+seeds (1, 2, ...) and are compared paired by seed with mdmsearch's structure comparison: the
+margin with its 95% confidence interval (t over seeds) and the verdict.  The parameterization is
+each dataset's product setting (digits: mixed + global, as aux3; MNIST: auto).
 """
 
 from __future__ import annotations
@@ -46,7 +55,10 @@ VARIANTS = {
     "mixed-pixel": {"parameterization": "mixed", "residual_stats": "pixel"},
     "mixed-floored": {"parameterization": "mixed", "residual_stats": "floored"},
     "mixed-global": {"parameterization": "mixed", "residual_stats": "global"},
+    "auto": {"parameterization": "auto", "residual_stats": "global"},
 }
+FAIR_VARIANT = {"digits": "mixed-global", "mnist": "auto"}  # --fair: what aux3 / the run config default use
+TIME_SAMPLERS = ("vp", "adaptive")  # --fair: the grid every process gets
 FULL_STEPS = {"digits": 2000, "mnist": 600}
 # learned-from-preset rows and the preset they are paired with
 PAIRED = {"learned K=1 (CLD init)": "CLD", "learned K=2 (MALDA init)": "MALDA"}
@@ -59,7 +71,8 @@ def data_cfg(name: str) -> dict:
     return {"name": name}
 
 
-def run_one(dataset: str, proc: dict, variant: dict, seed: int, steps: int, n_t: int, out: str) -> dict:
+def run_one(dataset: str, proc: dict, variant: dict, seed: int, steps: int, n_t: int, out: str,
+            time_sampler: str = "vp") -> dict:
     """One training run (in a worker process: one torch thread); a finished run in ``out`` is
     read back instead of trained again, so an interrupted benchmark continues."""
     import json
@@ -79,7 +92,7 @@ def run_one(dataset: str, proc: dict, variant: dict, seed: int, steps: int, n_t:
             "optim": {"batch_size": 64, "lr": 2e-3, "process_lr": 1e-2},
             # the same n_t for val and test: their union is one held-out set evaluated alike
             "train": {"steps": steps, "eval_every": steps, "eval_examples": 1000, "seed": seed, "n_samples": 0,
-                      "progress": False, "time_sampler": "vp", "eval_n_t": n_t, "test_n_t": n_t},
+                      "progress": False, "time_sampler": time_sampler, "eval_n_t": n_t, "test_n_t": n_t},
         })
         Trainer(cfg, out).fit()
     m = json.loads((out / "metrics.json").read_text())
@@ -149,6 +162,83 @@ def comparisons(ds: str, labels: list[str], variants: list[str], res: dict) -> t
     return rows, lines
 
 
+def _run_all(pool, jobs: dict) -> dict:
+    """{key: result} of run_one for {key: run_one arguments}, trained in the pool."""
+    futures = {key: pool.submit(run_one, *a) for key, a in jobs.items()}
+    return {key: f.result() for key, f in futures.items()}
+
+
+def fair(pool, ds: str, labels: list[str], steps: int, fresh: int, n_t: int, workdir: str) -> tuple[list, list, list]:
+    """Tune every process's time sampler on seed 0 (validation), then the best learned and the best
+    tuned fixed process on ``fresh`` new seeds: (tuning rows, fresh rows, [the verdict row])."""
+    import numpy as np
+
+    from mdmsearch.compare import compare_structures
+
+    var = FAIR_VARIANT.get(ds, "mixed-global")
+    root = Path(workdir) / "fair" / ds / var
+
+    def args(lab: str, ts: str, seed: int) -> tuple:
+        return (ds, PROCESSES[lab], VARIANTS[var], seed, steps, n_t,
+                str(root / lab.replace(" ", "_") / ts / f"{steps}-{seed}"), ts)
+
+    tuned = _run_all(pool, {(lab, ts): args(lab, ts, 0) for lab in labels for ts in TIME_SAMPLERS})
+    best_ts = {lab: min(TIME_SAMPLERS, key=lambda ts: tuned[(lab, ts)]["val_bpd"]) for lab in labels}
+    tune_rows = [{"dataset": ds, "process": lab, "variant": var, "time_sampler": ts, "seed": 0,
+                  "val_bpd": tuned[(lab, ts)]["val_bpd"], "test_bpd": tuned[(lab, ts)]["test_bpd"],
+                  "chosen": ts == best_ts[lab], "train_seconds": tuned[(lab, ts)]["train_seconds"]}
+                 for lab in labels for ts in TIME_SAMPLERS]
+    score = {lab: tuned[(lab, best_ts[lab])]["val_bpd"] for lab in labels}
+    fixed = [lab for lab in labels if not lab.startswith("learned")]
+    learned = [lab for lab in labels if lab.startswith("learned")]
+    if not fixed or not learned:
+        return tune_rows, [], []
+    bf, bl = min(fixed, key=score.get), min(learned, key=score.get)
+    seeds = list(range(1, fresh + 1))
+    runs = _run_all(pool, {(lab, s): args(lab, best_ts[lab], s) for lab in (bl, bf) for s in seeds})
+    fresh_rows = [{"dataset": ds, "process": lab, "variant": var, "time_sampler": best_ts[lab], "seed": s,
+                   "val_bpd": runs[(lab, s)]["val_bpd"], "test_bpd": runs[(lab, s)]["test_bpd"],
+                   "heldout_bpd": float(np.mean(runs[(lab, s)]["heldout"]))} for lab in (bl, bf) for s in seeds]
+    held = {lab: {s: np.asarray(runs[(lab, s)]["heldout"], dtype=np.float64) for s in seeds} for lab in (bl, bf)}
+    comp = compare_structures(held[bl], held[bf])
+    lo, hi = comp.interval(0.05)
+    verdict = {"dataset": ds, "entry": f"{bl} (t {best_ts[bl]})", "minus": f"{bf} (t {best_ts[bf]})",
+               "diff": comp.diff, "ci_low": lo, "ci_high": hi, "se": comp.se, "df": comp.df,
+               "p_better": comp.p_better, "n_seeds": comp.n_seeds, "verdict": comp.verdict,
+               "text": comp.describe()}
+    return tune_rows, fresh_rows, [verdict]
+
+
+def main_fair(args, datasets: list[str], labels: list[str]) -> None:
+    steps_for = {ds: args.steps or FULL_STEPS.get(ds, 2000) for ds in datasets}
+    tune, fresh, verdicts = [], [], []
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
+        for ds in datasets:
+            t, f, v = fair(pool, ds, labels, steps_for[ds], args.fresh, args.n_t, args.workdir)
+            tune, fresh, verdicts = tune + t, fresh + f, verdicts + v
+    fmt = {"val_bpd": "{:.4f}", "test_bpd": "{:.4f}", "heldout_bpd": "{:.4f}", "train_seconds": "{:.1f}",
+           "diff": "{:+.4f}", "ci_low": "{:+.4f}", "ci_high": "{:+.4f}", "se": "{:.4f}", "p_better": "{:.2f}",
+           "df": "{:.0f}"}
+    lines = [f"- {v['dataset']}: {v['entry']} (the best learned) minus {v['minus']} (the best tuned fixed): "
+             f"{v['diff']:+.4f} [{v['ci_low']:+.4f}, {v['ci_high']:+.4f}] bpd (95% CI, {v['n_seeds']} fresh seeds "
+             f"paired): **{v['verdict']}**" for v in verdicts]
+    text = ("## Tuning (seed 0; the time sampler chosen on validation BPD)\n\n"
+            + md_table(tune, ["dataset", "process", "variant", "time_sampler", "val_bpd", "test_bpd", "chosen",
+                              "train_seconds"], fmt)
+            + "\n\n## Fresh seeds (the best learned and the best tuned fixed process)\n\n"
+            + md_table(fresh, ["dataset", "process", "time_sampler", "seed", "val_bpd", "test_bpd", "heldout_bpd"], fmt)
+            + "\n\n## Verdict (held-out = validation + test of the fresh seeds, paired by seed)\n\n"
+            + md_table(verdicts, ["dataset", "entry", "minus", "diff", "ci_low", "ci_high", "df", "p_better",
+                                  "verdict"], fmt)
+            + "\n\n" + "\n".join(lines)
+            + f"\n\nSame tiny U-Net for every process, steps {steps_for}, batch 64, lr 2e-3, process lr 1e-2, "
+              f"{args.n_t} stratified time samples per held-out example; one torch thread per run, {args.jobs} "
+              "runs in parallel.  Selection uses seed 0 only; the verdict uses seeds that did not select.")
+    name = args.name or "learned_vs_fixed_fair_" + "_".join(datasets)
+    print(write(name, {"tuning": tune, "fresh": fresh, "verdicts": verdicts, "steps": steps_for,
+                       "fresh_seeds": args.fresh, "n_t": args.n_t, "parallel_runs": args.jobs}, text))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true")
@@ -161,6 +251,8 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=1, help="training runs in parallel (one CPU thread each)")
     ap.add_argument("--workdir", default="/tmp/mdmsearch-lvf", help="finished runs here are reused")
     ap.add_argument("--name", default=None, help="output name (default from the datasets)")
+    ap.add_argument("--fair", action="store_true", help="tuned time sampler per process, then fresh seeds, 95%% CI")
+    ap.add_argument("--fresh", type=int, default=6, help="--fair: fresh seeds of the two finalists")
     args = ap.parse_args()
     datasets = args.datasets or (["digits"] if args.quick else ["digits", "mnist"])
     labels = args.processes or DEFAULT_PROCESSES
@@ -169,6 +261,10 @@ def main() -> None:
         unknown = [v for v in given if v not in known]
         if unknown:
             ap.error(f"unknown {what}(s) {unknown}; available: {list(known)}")
+    if args.fair:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        main_fair(args, datasets, labels)
+        return
     # full mode on CPU: an MNIST step costs ~5x a digits step (2000 digits steps ~ 65 s, 600 MNIST ~ 100 s
     # per run at one thread); on a GPU pass --steps for converged models
     steps_for = {ds: args.steps or (300 if args.quick else FULL_STEPS.get(ds, 2000)) for ds in datasets}

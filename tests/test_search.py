@@ -389,6 +389,38 @@ def test_every_sampler_proposes_valid_plans(sampler):
     assert len(seen) >= 2
 
 
+@pytest.mark.parametrize("sampler", ["tpe", "gp"])
+def test_startup_trials_count_the_searched_trials_after_the_baselines(sampler):
+    """``sampler.n_startup_trials`` random *searched* trials: the enqueued baseline runs finish
+    first and do not use up the start-up (before, 8 of aux3's baseline runs were TPE's whole
+    start-up).  Proposals match a sampler built with the baselines added to its start-up."""
+    from mdmsearch.search.baselines import baseline_trials
+    from mdmsearch.search.plan import suggest_plan
+    from mdmsearch.search.spec import parse_spec
+    from mdmsearch.search.study import directions, make_sampler
+
+    spec = parse_spec(dict(TINY, sampler={"name": sampler, "seed": 0, "n_startup_trials": 2}))
+    base = baseline_trials(spec)
+    assert len(base) >= 4
+    cls = {"tpe": lambda n: optuna.samplers.TPESampler(seed=0, n_startup_trials=n, multivariate=True, group=True),
+           "gp": lambda n: optuna.samplers.GPSampler(seed=0, n_startup_trials=n)}[sampler]
+
+    def proposals(sampler_obj) -> list[dict]:
+        study = optuna.create_study(sampler=sampler_obj, directions=directions(spec))
+        for name, params in base:
+            study.enqueue_trial(params, user_attrs={"baseline": name})
+        out = []
+        for _ in range(len(base) + 4):
+            trial = study.ask()
+            plan = suggest_plan(trial, spec, baseline=trial.user_attrs.get("baseline"))
+            out.append(dict(trial.params))
+            study.tell(trial, abs(plan.n_aux - 1) + plan.hyper["process_lr"])
+        return out
+
+    ours = proposals(make_sampler(spec))
+    assert ours == proposals(cls(len(base) + 2))
+
+
 # ---------------------------------------------------------------------- pruning, RDB storage, failures
 @pytest.mark.slow
 def test_tpe_with_median_pruning_on_sqlite_storage(tmp_path):

@@ -51,6 +51,22 @@ def test_aux3_space_enumerated_with_aliases_and_invalid_structures():
     assert summary.hyper["gamma"].startswith("2 choices") and summary.hyper["lr"] == "fixed 0.002"
 
 
+def test_dry_run_estimates_the_confirmation_by_rounds():
+    """A round trains its candidates side by side and waits for all of them: ceil((top_k + 1) /
+    workers) confirmation trials per round, ``confirm.seeds`` rounds."""
+    from mdmsearch.search.space import TimeEstimate, describe
+
+    est = TimeEstimate(step_s=0.01, eval_s=0.001, trial_s=10.0, label="K=1", confirm_trial_s=30.0)
+    for top_k, workers, minutes in ((1, 2, 8), (2, 2, 16), (1, 1, 16), (2, 3, 8)):
+        spec = _spec(structure={"n_aux": [1], "q_patterns": ["full"], "d_patterns": ["full"]}, workers=workers,
+                     baselines=["vpsde"], confirm={"seeds": 16, "min_seeds": 10, "top_k": top_k, "test_n_t": 128})
+        text = describe(spec, enumerate_space(spec), est)
+        assert f"  about {minutes} min if it runs all 16 rounds (30 s per trial, {top_k + 1} per round on " \
+               f"{workers} worker(s))" in text, text
+    # without a confirmation: no such line
+    assert "rounds" not in describe(_spec(), enumerate_space(_spec()), est)
+
+
 def test_continuous_hyperparameters_make_the_space_unbounded():
     summary = enumerate_space(_spec(structure={"n_aux": [1], "q_patterns": ["full"], "d_patterns": ["full"]},
                                     hyper={"lr": {"low": 1e-4, "high": 1e-2, "log": True}}))

@@ -11,6 +11,7 @@ statistics under ``eps``) through the structure and configuration hashes.
 from __future__ import annotations
 
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -199,6 +200,7 @@ class TimeEstimate:
     eval_s: float  # one network evaluation per example and time sample (eval mode)
     trial_s: float  # one trial at full budget
     label: str  # which structure was timed
+    confirm_trial_s: float = 0.0  # one confirmation trial (its final evaluation at confirm.test_n_t)
 
 
 def estimate_time(spec: SearchSpec, summary: SpaceSummary, repeats: int = 3) -> Optional[TimeEstimate]:
@@ -231,8 +233,12 @@ def estimate_time(spec: SearchSpec, summary: SpaceSummary, repeats: int = 3) -> 
     b = spec.budget
     n_heldout = int(data.val.shape[0]) + int(data.test.shape[0])
     evals = (b.steps // b.eval_every) * min(b.eval_examples, int(data.val.shape[0])) * b.eval_n_t
-    work = b.steps * step_s + (evals + n_heldout * b.test_n_t + b.n_samples * b.sample_steps) * eval_s
-    return TimeEstimate(step_s, eval_s, work, biggest.label)
+
+    def work(test_n_t: int) -> float:
+        return b.steps * step_s + (evals + n_heldout * test_n_t + b.n_samples * b.sample_steps) * eval_s
+
+    return TimeEstimate(step_s, eval_s, work(b.test_n_t), biggest.label,
+                        work(spec.confirm.test_n_t or b.test_n_t))
 
 
 def describe(spec: SearchSpec, summary: SpaceSummary, estimate: Optional[TimeEstimate]) -> str:
@@ -275,6 +281,12 @@ def describe(spec: SearchSpec, summary: SpaceSummary, estimate: Optional[TimeEst
         lines.append(f"confirmation: then up to {(c.top_k + 1) * c.seeds} trials (the winner, the best baseline and "
                      f"{c.top_k - 1} runner(s)-up on up to {c.seeds} fresh seeds from {c.seed_start}, "
                      f"{c.test_n_t or spec.budget.test_n_t} strata each)")
+        if estimate is not None:
+            # a round trains its candidates side by side; the next round waits for all of them
+            per_round = math.ceil((c.top_k + 1) / spec.workers) * estimate.confirm_trial_s
+            lines.append(f"  about {_duration(per_round * c.seeds)} if it runs all {c.seeds} rounds "
+                         f"({estimate.confirm_trial_s:.0f} s per trial, {c.top_k + 1} per round on {spec.workers} "
+                         f"worker(s)); a decided verdict can end it sooner")
     return "\n".join(lines)
 
 

@@ -130,7 +130,8 @@ class Objective(_Strict):
 class SamplerSpec(_Strict):
     name: Literal["tpe", "random", "grid", "gp", "nsga2"] = "tpe"
     seed: int = 0
-    n_startup_trials: int = Field(6, ge=0)
+    n_startup_trials: int = Field(6, ge=0, description="random searched trials before TPE/GP model the results, "
+                                                       "counted after the enqueued baseline runs")
 
 
 class PrunerSpec(_Strict):

@@ -102,15 +102,18 @@ def make_sampler(spec: SearchSpec, worker: int = 0):
     """The spec's sampler; each worker process gets its own seed (seed + worker), otherwise
     parallel workers would propose identical random start-up trials."""
     s = spec.sampler.model_copy(update={"seed": spec.sampler.seed + worker})
+    # the model-based samplers count every finished trial toward their start-up, the enqueued
+    # baseline runs too: n_startup_trials counts the searched trials after them
+    startup = s.n_startup_trials + len(baseline_trials(spec))
     if s.name == "tpe":
         # with several workers, running trials count as a pessimistic value ("constant liar"), so
         # parallel workers do not all propose the point TPE currently likes best
-        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=s.n_startup_trials,
+        return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=startup,
                                           multivariate=True, group=True, constant_liar=spec.workers > 1)
     if s.name == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     if s.name == "gp":
-        return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=s.n_startup_trials)
+        return optuna.samplers.GPSampler(seed=s.seed, n_startup_trials=startup)
     if s.name == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=s.seed)
     if s.name == "grid":
