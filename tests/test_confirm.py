@@ -172,6 +172,34 @@ def test_a_tie_runs_to_the_seed_limit_and_a_worse_challenger_drops_out(tmp_path)
     assert res["vs_baseline_val"]["verdict"] == "tie within noise" and res["fresh_seeds"] == [1000, 1001, 1002, 1003]
 
 
+def test_a_reopened_race_keeps_the_schedule_it_started_with(tmp_path):
+    """The race's first look (``min_seeds``) is frozen in its plan: `mdmsearch confirm --seeds 5`
+    on a race that started with min_seeds 3 judges rounds 1-3 as they were judged (one look, at
+    round 3, at the segment's whole 0.04), then spends the reopening's budget on rounds 4-5
+    (before: reopening looked from round 2, which moved the first segment's last level to 0.039
+    and added a look that never happened)."""
+    def quality(plan):
+        if plan.baseline:
+            return (0.0, 0.0) if plan.baseline == "vpsde" else (0.3, 0.3)
+        return (0.0, 0.0)
+
+    spec = _spec(tmp_path, seeds=3, min_seeds=3, top_k=1)
+    study = _study(spec)
+    rng = np.random.default_rng(5)
+    _search(study, spec, quality, rng)
+    _confirm_all(study, spec, quality, rng)
+    assert study.user_attrs[PLAN_ATTR]["min_seeds"] == 3
+    first, _ = confirm.race(study.user_attrs[PLAN_ATTR], study, spec)
+    assert [(look["round"], look["level"]) for look in first.looks] == [(3, pytest.approx(0.04))]
+    again = confirm.prepare(spec, study, top_k=1, seeds=5)
+    assert again.confirm.min_seeds == 3 and study.user_attrs[PLAN_ATTR]["horizons"] == [3, 5]
+    _confirm_all(study, again, quality, rng)
+    after, rounds = confirm.race(study.user_attrs[PLAN_ATTR], study, again)
+    assert rounds == 5 and after.looks[0] == first.looks[0]
+    assert [look["round"] for look in after.looks] == [3, 4, 5]
+    assert [look["level"] for look in after.looks[1:]] == [pytest.approx(0.001), pytest.approx(0.002)]
+
+
 def test_baselines_and_confirmation_trials_are_never_pruned():
     from mdmsearch.search.record import Confirmation
     from mdmsearch.search.runner import prunable

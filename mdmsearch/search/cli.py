@@ -44,9 +44,11 @@ def add_search_commands(sub) -> None:
 
     p = sub.add_parser("confirm", help="train a finished study's winner, best baseline and runners-up on fresh seeds")
     p.add_argument("study", help="study name (the spec's `study:`)")
-    p.add_argument("--top", type=int, default=2, help="searched configurations confirmed: the winner and the next "
-                                                      "best (default: 2)")
-    p.add_argument("--seeds", type=int, default=3, help="fresh seeds at most per configuration (default: 3; >= 2)")
+    p.add_argument("--top", type=int, default=None, help="searched configurations confirmed: the winner and the next "
+                                                         "best (default: as the study's race, else 2)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="fresh seeds at most per configuration, >= 2; more than the race had reopens it (default: as "
+                        "many as the study's race had, else 3)")
     p.add_argument("--steps", type=int, default=None,
                    help="training steps of the confirmation (default: the study's budget; another value trains "
                         "the candidates anew in the study STUDY.stepsS and says whether the ranking holds)")
@@ -152,14 +154,19 @@ def _cmd_confirm(args: argparse.Namespace) -> int:
     from .rebuild import spec_of
     from .study import make_storage, storage_url
 
-    if args.seeds < 2 or min(args.top, args.steps or 1, args.workers or 1, args.test_n_t or 1) < 1:
+    if (args.seeds is not None and args.seeds < 2) or min(args.top or 1, args.steps or 1, args.workers or 1,
+                                                            args.test_n_t or 1) < 1:
         raise MDMError("confirm: --seeds must be >= 2; --top, --steps, --test-n-t and --workers >= 1")
     study = _existing_study(args)
     spec = spec_of(study, args.studies_dir).model_copy(update={"storage": args.storage, "executor": args.executor})
+    # defaults: the race the study already ran (its frozen plan), else 2 configurations on 3 seeds
+    plan = study_get(study, StudyKey.CONFIRM_PLAN) or {}
+    seeds = args.seeds or (plan.get("horizons") or [3])[-1]
+    top = args.top or (1 + sum(c["role"] == "challenger" for c in plan["candidates"]) if plan else 2)
     spec.confirm.test_n_t = args.test_n_t
     if args.workers:
         spec = spec.model_copy(update={"workers": args.workers})
-    spec = prepare(spec, study, top_k=args.top, seeds=args.seeds, steps=args.steps)
+    spec = prepare(spec, study, top_k=top, seeds=seeds, steps=args.steps)
     if spec.executor == "ray":
         from .ray_executor import run_ray
 

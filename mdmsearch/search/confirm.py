@@ -95,13 +95,19 @@ def select(study: optuna.Study, spec: SearchSpec) -> Optional[dict]:
 
     cands = [candidate("incumbent", *searched[0]), candidate("baseline", *baselines[0])]
     cands += [candidate("challenger", g, ts) for g, ts in searched[1:spec.confirm.top_k]]
-    return {"candidates": cands, "horizons": [spec.confirm.seeds]}
+    return {"candidates": cands, "horizons": [spec.confirm.seeds], "min_seeds": spec.confirm.min_seeds}
 
 
 def horizons(plan: dict, spec: SearchSpec) -> list[int]:
     """Margin seeds per segment of the race: its own ``confirm.seeds``, then one per reopening
     with more seeds (plans stored before segments were kept: the spec's seeds)."""
     return list(plan.get("horizons") or [spec.confirm.seeds])
+
+
+def min_seeds_of(plan: Optional[dict], spec: SearchSpec) -> int:
+    """The first look of the race: frozen in the plan when the race starts (a reopening keeps its
+    schedule, so rounds already played are judged as they were); plans stored before: the spec's."""
+    return int((plan or {}).get("min_seeds") or spec.confirm.min_seeds)
 
 
 def with_horizon(plan: dict, seeds: int) -> dict:
@@ -135,7 +141,7 @@ def fresh_values(study: optuna.Study, split: str) -> dict[str, dict[int, object]
 def race(plan: dict, study: optuna.Study, spec: SearchSpec, split: str = DECISION_SPLIT) -> tuple[Race, int]:
     """(the race replayed on the confirmation trials' ``split``, rounds played so far)."""
     rounds = max((t.confirm.round for t in records(study) if t.confirm), default=0)
-    return replay(plan["candidates"], fresh_values(study, split), horizons(plan, spec), spec.confirm.min_seeds,
+    return replay(plan["candidates"], fresh_values(study, split), horizons(plan, spec), min_seeds_of(plan, spec),
                   rounds), rounds
 
 
@@ -275,9 +281,12 @@ def prepare(spec: SearchSpec, study: optuna.Study, *, top_k: int, seeds: int,
     from .spec import ConfirmSpec
     from .study import budget_used, count_trials, open_study
 
-    conf = ConfirmSpec(seeds=seeds, min_seeds=min(2, seeds), top_k=top_k, seed_start=spec.confirm.seed_start,
+    stored = study_get(study, StudyKey.CONFIRM_PLAN)
+    # the race's first look: as the race that started (its plan), else as the spec's confirm block
+    first = min_seeds_of(stored, spec) if stored or spec.confirm.seeds else 2
+    conf = ConfirmSpec(seeds=seeds, min_seeds=min(first, seeds), top_k=top_k, seed_start=spec.confirm.seed_start,
                        test_n_t=spec.confirm.test_n_t)
-    plan = study_get(study, StudyKey.CONFIRM_PLAN) or select(study, spec.model_copy(update={"confirm": conf}))
+    plan = stored or select(study, spec.model_copy(update={"confirm": conf}))
     if plan is None:
         raise MDMError(f"study {study.study_name!r} has no completed searched configuration and baseline to confirm")
     if steps is None or steps == spec.budget.steps:
@@ -296,7 +305,8 @@ def prepare(spec: SearchSpec, study: optuna.Study, *, top_k: int, seeds: int,
     if not study_get(dstudy, StudyKey.CONFIRM_PLAN):
         moved = [{**c, "group": suggest_plan(optuna.trial.FixedTrial(dict(c["params"])), derived, baseline=c["baseline"])
                   .config_hash(derived, with_seed=False)} for c in plan["candidates"]]
-        study_set(dstudy, StudyKey.CONFIRM_PLAN, {"candidates": moved, "from_study": spec.study, "horizons": [seeds]})
+        study_set(dstudy, StudyKey.CONFIRM_PLAN, {"candidates": moved, "from_study": spec.study, "horizons": [seeds],
+                                                  "min_seeds": conf.min_seeds})
     study_set(dstudy, StudyKey.CONFIRM_PLAN, with_horizon(study_get(dstudy, StudyKey.CONFIRM_PLAN), seeds))
     _reopen(dstudy, derived)
     return derived

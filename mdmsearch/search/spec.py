@@ -150,8 +150,8 @@ class ConfirmSpec(_Strict):
     stop needs p < 0.001, the last look tests at the rest of 0.04.  A challenger decided worse
     than the incumbent drops out for good; one decided better is confirmed on new seeds."""
 
-    seeds: int = Field(0, ge=0, le=20, description="fresh seeds at most per confirmed configuration (0: no confirmation)")
-    min_seeds: int = Field(2, ge=2, le=20, description="rounds before a decided verdict may end the confirmation")
+    seeds: int = Field(0, ge=0, le=64, description="fresh seeds at most per confirmed configuration (0: no confirmation)")
+    min_seeds: int = Field(2, ge=2, le=64, description="rounds before a decided verdict may end the confirmation")
     top_k: int = Field(2, ge=1, le=10, description="searched configurations confirmed: the incumbent and the next best")
     seed_start: int = Field(1000, ge=0, description="the fresh seeds are seed_start, seed_start + 1, ...")
     test_n_t: Optional[int] = Field(None, gt=0, description="strata of a confirmation trial's final evaluation "
