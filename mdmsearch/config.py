@@ -167,13 +167,14 @@ class ModelConfig(_AddedLater):
 
     name: str = Field("auto", description="'auto' = mlp for vectors, unet for images")
     size: str = "tiny"
-    # auto: on MNIST (600 steps) the residual costs VPSDE 0.08 bpd while it removes the auxiliary tax of
-    # every MDM on digits and MNIST (README, learned vs fixed); on digits mixed also helps K = 0 (-0.03)
+    # auto: on MNIST (600 steps) the residual costs VPSDE +0.054 bpd [-0.047, +0.154] (a tie over 3 seeds) while
+    # it removes the auxiliary tax of the MDMs on digits and MNIST (docs/benchmarks.md, learned vs fixed);
+    # on digits mixed also helps K = 0 (VPSDE -0.031 [-0.060, -0.003])
     parameterization: Literal["auto", "eps", "mixed"] = Field(
         "auto", description="'mixed': eps_hat = exact Gaussian-data noise prediction + network; 'eps': network "
                              "alone; 'auto': mixed with auxiliary variables, eps without (K = 0)")
-    # global: never worse than floored beyond 2 seed-paired SE on digits (8 entries) or MNIST (K >= 1), better
-    # for CLD on both (-0.022 / -0.092 bpd) and ALDA on digits (-0.016); README, learned vs fixed
+    # global: never decided worse than floored on digits (8 entries) or MNIST (K >= 1), every difference a tie
+    # over 3 seeds, CLD's point estimates in its favour (-0.022 / -0.092 bpd); docs/benchmarks.md
     residual_stats: Literal["pixel", "floored", "global"] = Field(
         "global", description="data statistics of the Gaussian part (mixed only): per coordinate, per coordinate "
                                "with variances floored at 0.1x the global one, or one global mean and variance")
