@@ -67,6 +67,22 @@ def test_dry_run_estimates_the_confirmation_by_rounds():
     assert "rounds" not in describe(_spec(), enumerate_space(_spec()), est)
 
 
+def test_a_one_element_list_is_a_fixed_value_not_a_parameter():
+    """`process_lr: [0.5]` is fixed, as `time_sampler: [vp]` is: no trial asks for it, and the
+    baselines' grid builds (before: FixedTrial raised 'process_lr is not found', a traceback
+    from `run`, `--dry-run` and the sampler)."""
+    import optuna
+
+    from mdmsearch.search.baselines import baseline_trials
+    from mdmsearch.search.plan import suggest_plan
+
+    spec = _spec(hyper={"process_lr": [0.5], "gamma": [0.01, 0.04]}, baselines=["vpsde", "cld"])
+    assert [name for name, _ in baseline_trials(spec)] == ["vpsde", "cld", "cld"]  # CLD over gamma only
+    plan = suggest_plan(optuna.trial.FixedTrial({"n_aux": 1, "q_pattern": "full", "d_pattern": "full",
+                                                 "gamma": 0.04}), spec)
+    assert plan.hyper["process_lr"] == 0.5 and "process_lr" not in plan.params
+
+
 def test_continuous_hyperparameters_make_the_space_unbounded():
     summary = enumerate_space(_spec(structure={"n_aux": [1], "q_patterns": ["full"], "d_patterns": ["full"]},
                                     hyper={"lr": {"low": 1e-4, "high": 1e-2, "log": True}}))

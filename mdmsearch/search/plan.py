@@ -146,8 +146,8 @@ def baseline_params(spec: SearchSpec, seed: int) -> dict[str, Any]:
 def _suggest_float(trial, name: str, r: FloatRange) -> float:
     if r.value is not None:
         return r.value
-    if r.choices is not None:
-        return float(trial.suggest_categorical(name, r.choices))
+    if r.choices is not None:  # one choice is a fixed value, not a parameter (as for a list, below)
+        return float(r.choices[0]) if len(r.choices) == 1 else float(trial.suggest_categorical(name, r.choices))
     return float(trial.suggest_float(name, r.low, r.high, log=r.log))
 
 
