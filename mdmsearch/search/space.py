@@ -226,10 +226,13 @@ def estimate_time(spec: SearchSpec, summary: SpaceSummary, repeats: int = 3) -> 
         for _ in range(repeats):
             trainer.train_step()
         step_s = (time.perf_counter() - t0) / repeats
-        n_ex = min(32, int(data.val.shape[0]))
+        # batches as large as a real evaluation's: with 32 examples the per-call overhead made
+        # an evaluated example look ~10x dearer than in a trial's final evaluation
+        n_ex, n_t = min(256, int(data.val.shape[0])), 4
+        trainer.evaluate("val", n_examples=n_ex, n_t=1)  # warm-up
         t0 = time.perf_counter()
-        trainer.evaluate("val", n_examples=n_ex, n_t=2)
-        eval_s = (time.perf_counter() - t0) / (2 * n_ex)
+        trainer.evaluate("val", n_examples=n_ex, n_t=n_t)
+        eval_s = (time.perf_counter() - t0) / (n_t * n_ex)
     b = spec.budget
     n_heldout = int(data.val.shape[0]) + int(data.test.shape[0])
     evals = (b.steps // b.eval_every) * min(b.eval_examples, int(data.val.shape[0])) * b.eval_n_t
