@@ -119,12 +119,15 @@ def test_confirm_without_flags_keeps_the_studys_own_race(study, cli):
     """`mdmsearch confirm STUDY` defaults to the race the study ran (its seeds and candidates): on
     an ended race it trains no new round and answers the same winner and margin (before, its
     fixed default of 3 seeds reopened this 2-seed race and ignored aux3's 16-seed one)."""
-    _, info = study
+    base, info = study
+    stored = base / "studies" / "leaderboard" / "dataset=digits" / "study=one" / CONFIRMATION_FILE
+    before = (stored.read_bytes(), stored.stat().st_mtime_ns)
     code, out, err = cli("confirm", "one", "--format", "json")
     assert code == 0, err[-2000:]
     doc = json.loads(out)
     assert doc["result"]["fresh_seeds"] == info["fresh_seeds"] and doc["result"]["horizons"] == [2]
     assert doc["result"]["vs_baseline"]["diff"] == pytest.approx(info["vs_baseline"]["diff"], abs=1e-12)
+    assert (stored.read_bytes(), stored.stat().st_mtime_ns) == before  # never emptied on the way
 
 
 def test_best_is_a_searched_configuration_never_a_confirmation_or_baseline_trial(study):

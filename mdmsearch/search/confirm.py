@@ -294,8 +294,10 @@ def prepare(spec: SearchSpec, study: optuna.Study, *, top_k: int, seeds: int,
         if study_get(study, StudyKey.CONFIRM_PLAN) and challengers != top_k - 1:
             log.warning("the %d candidates an earlier confirmation chose are kept (--top %d does not change them)",
                         len(plan["candidates"]), top_k)
-        study_set(study, StudyKey.CONFIRM_PLAN, with_horizon(plan, seeds))
-        _reopen(study, spec)
+        grown = with_horizon(plan, seeds)
+        study_set(study, StudyKey.CONFIRM_PLAN, grown)
+        if grown.get("horizons") != plan.get("horizons"):  # more seeds than the race had: it goes on
+            _reopen(study, spec)
         return spec.model_copy(update={"confirm": conf, "n_trials": max(1, budget_used(count_trials(study)))})
     budget = spec.budget.model_copy(update={"steps": steps, "eval_every": min(spec.budget.eval_every, steps)})
     derived = spec.model_copy(update={"study": f"{spec.study}.steps{steps}", "budget": budget, "baselines": [],
