@@ -261,22 +261,20 @@ def main() -> None:
         unknown = [v for v in given if v not in known]
         if unknown:
             ap.error(f"unknown {what}(s) {unknown}; available: {list(known)}")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.fair:
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
         main_fair(args, datasets, labels)
         return
     # full mode on CPU: an MNIST step costs ~5x a digits step (2000 digits steps ~ 65 s, 600 MNIST ~ 100 s
     # per run at one thread); on a GPU pass --steps for converged models
     steps_for = {ds: args.steps or (300 if args.quick else FULL_STEPS.get(ds, 2000)) for ds in datasets}
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     jobs = [(ds, lab, var, s) for ds in datasets for s in seeds for var in variants for lab in labels]
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = {job: pool.submit(run_one, job[0], PROCESSES[job[1]], VARIANTS[job[2]], job[3], steps_for[job[0]],
-                                    args.n_t, str(Path(args.workdir) / job[0] / job[1].replace(" ", "_") / job[2]
-                                                  / f"{steps_for[job[0]]}-{job[3]}"))
-                   for job in jobs}
-        results = {job: f.result() for job, f in futures.items()}
+        results = _run_all(pool, {job: (job[0], PROCESSES[job[1]], VARIANTS[job[2]], job[3], steps_for[job[0]],
+                                        args.n_t, str(Path(args.workdir) / job[0] / job[1].replace(" ", "_") / job[2]
+                                                      / f"{steps_for[job[0]]}-{job[3]}"))
+                                  for job in jobs})
     rows, comps, lines = [], [], []
     for ds in datasets:
         res = {(lab, var): [results[(ds, lab, var, s)] for s in seeds] for lab in labels for var in variants}

@@ -124,6 +124,11 @@ def distinct_seeds(df, order_by: str = "trial"):
 
 # ---------------------------------------------------------------------- structure comparisons
 @functools.lru_cache(maxsize=4096)
+def level_text(alpha: float) -> str:
+    """``96.6% CI``: the one spelling of an interval's confidence level, in every view."""
+    return f"{100 * (1 - alpha):.1f}% CI"
+
+
 def t_quantile(q: float, df: float) -> float:
     """The t distribution's q quantile with df degrees of freedom (cached: a simulated race asks
     the same few quantiles millions of times)."""
@@ -179,7 +184,7 @@ class StructureComparison:
         if not self.decided:
             return f"{self.diff:+.4f} bpd (no interval: {self.n_seeds} seed{'s' if self.n_seeds != 1 else ''})"
         lo, hi = self.interval(self.alpha)
-        level = "" if self.alpha == ALPHA else f" ({100 * (1 - self.alpha):.1f}% CI)"
+        level = "" if self.alpha == ALPHA else f" ({level_text(self.alpha)})"
         return f"{self.diff:+.4f} [{lo:+.4f}, {hi:+.4f}] bpd{level}"
 
     @property

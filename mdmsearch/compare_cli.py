@@ -254,6 +254,8 @@ def _side_line(side: Side) -> str:
 
 def text_lines(a: Side, b: Side, split: str, structure, model) -> list[str]:
     """The text output: the sides, the model comparison (one run each), the structure comparison."""
+    from .compare import ALPHA, level_text
+
     lines = [_side_line(a), _side_line(b), f"margin: A - B, {split} bits per dimension (negative: A is better)"]
     if model is not None:
         lines += [f"model: {model.diff:+.4f} bpd, SE {model.se:.4f} (evaluation noise, paired by example, "
@@ -262,8 +264,8 @@ def text_lines(a: Side, b: Side, split: str, structure, model) -> list[str]:
     se, df = (f"{s.se:.4f} (seed-level)", f"{s.df:.1f}") if s.decided else ("n/a", "n/a")
     pairing = "paired by seed" if s.paired_by_seed else "not paired by seed"
     lo, hi = s.interval(s.alpha) if s.decided else (None, None)
-    level = ("95% CI" if s.alpha == 0.05 else
-             f"{100 * (1 - s.alpha):.1f}% CI: the level of the confirmation's verdict, as it reports it")
+    level = ("95% CI" if s.alpha == ALPHA else
+             f"{level_text(s.alpha)}: the level of the confirmation's verdict, as it reports it")
     ci = f" [{lo:+.4f}, {hi:+.4f}] ({level})" if s.decided else ""
     lines += [f"structure: {s.diff:+.4f}{ci} bpd, SE {se}, df {df}; {s.n_a} vs {s.n_b} seeds, {pairing}; "
               f"P(A<B) = {s.p_better:.2f}; {s.n_examples} examples per run", f"  verdict (structure): {s.verdict}"]

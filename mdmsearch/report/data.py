@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from ..compare import ALPHA, TIE, StructureComparison, distinct_seeds
+from ..compare import ALPHA, TIE, StructureComparison, distinct_seeds, level_text
 from ..leaderboard import TIERS, config_label, confirmed_baselines, distinct_labels, verdict_interval, margins, tier_of
 from ..errors import MDMError
 
@@ -400,9 +400,9 @@ def margin_sentence(learned: Optional[Entry], baseline: Optional[Entry], confirm
 
 
 def _ci(c: StructureComparison) -> str:
-    """``-0.019, -0.005`` (95%), or ``-0.021, -0.003; 96% CI`` at a race's look's level."""
+    """``-0.019, -0.005`` (95%), or ``-0.021, -0.003; 96.6% CI`` at a race's look's level."""
     lo, hi = verdict_interval(c)
-    level = "" if c.alpha == ALPHA else f"; {100 * (1 - c.alpha):.0f}% CI"
+    level = "" if c.alpha == ALPHA else f"; {level_text(c.alpha)}"
     return f"{lo:+.{BPD_DECIMALS}f}, {hi:+.{BPD_DECIMALS}f}{level}"
 
 

@@ -30,7 +30,7 @@ import optuna
 from optuna.trial import TrialState
 from scipy import stats
 
-from ..compare import read_per_example
+from ..compare import ALPHA, level_text, read_per_example
 from ..errors import MDMError
 from ..leaderboard import write_confirmation
 from .plan import suggest_plan
@@ -264,7 +264,7 @@ def margin_text(margin: Optional[dict], seeds: list, baseline: Optional[str]) ->
         return f"no fresh-seed results against {baseline}"
     ci = interval(margin)
     level = margin.get("alpha") or 0.05
-    span = (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" + (f" ({100 * (1 - level):.1f}% CI)" if level != 0.05 else "")
+    span = (f" [{ci[0]:+.4f}, {ci[1]:+.4f}]" + (f" ({level_text(level)})" if level != ALPHA else "")
             if ci else " (no interval: 1 seed)")
     return (f"{margin['diff']:+.4f}{span} bpd vs {baseline} on fresh seeds {list(seeds)}, {REPORT_SPLIT} split: "
             f"{margin['verdict']} (P(better) {margin['p_better']:.2f})")
@@ -291,7 +291,7 @@ def prepare(spec: SearchSpec, study: optuna.Study, *, top_k: int, seeds: int,
         raise MDMError(f"study {study.study_name!r} has no completed searched configuration and baseline to confirm")
     if steps is None or steps == spec.budget.steps:
         challengers = sum(c["role"] == "challenger" for c in plan["candidates"])
-        if study_get(study, StudyKey.CONFIRM_PLAN) and challengers != top_k - 1:
+        if stored and challengers != top_k - 1:
             log.warning("the %d candidates an earlier confirmation chose are kept (--top %d does not change them)",
                         len(plan["candidates"]), top_k)
         grown = with_horizon(plan, seeds)
